@@ -1,0 +1,41 @@
+"""Pure loss functions: per-token divergences and the token-chunked distillation loss. No Trainer inside."""
+
+from .chunked import (
+    DenseTeacher,
+    DistillationLossOutput,
+    HiddenStateTeacher,
+    TeacherLogits,
+    auto_chunk_size,
+    chunked_distillation_loss,
+)
+from .divergences import (
+    DIVERGENCE_NAMES,
+    forward_kl,
+    generalized_jsd,
+    get_divergence,
+    reverse_kl,
+    skew_kl,
+    skew_reverse_kl,
+    token_divergence,
+    total_variation,
+)
+from .lm_head import LMHead
+
+__all__ = [
+    "DIVERGENCE_NAMES",
+    "DenseTeacher",
+    "DistillationLossOutput",
+    "HiddenStateTeacher",
+    "LMHead",
+    "TeacherLogits",
+    "auto_chunk_size",
+    "chunked_distillation_loss",
+    "forward_kl",
+    "generalized_jsd",
+    "get_divergence",
+    "reverse_kl",
+    "skew_kl",
+    "skew_reverse_kl",
+    "token_divergence",
+    "total_variation",
+]

@@ -1,0 +1,173 @@
+"""Per-token divergences between a student's and a teacher's next-token distributions.
+
+Every function here takes normalised log-probabilities of shape `[..., V]` (the output of `log_softmax`) and returns
+one value per token, shape `[...]`. They hold no state and know nothing about models or trainers, so the chunked loss,
+the teacher cache and the tests can all call them on any tile of tokens.
+
+Conventions (the same as TRL's GKD and DistillationTrainer):
+
+- `forward_kl` is KL(teacher || student), the classic Hinton distillation loss (mode-covering).
+- `reverse_kl` is KL(student || teacher) (mode-seeking, MiniLLM).
+- `generalized_jsd` with `beta` mixes `m = beta * p_teacher + (1 - beta) * p_student` and returns
+  `beta * KL(teacher || m) + (1 - beta) * KL(student || m)`; `beta = 0` is forward KL and `beta = 1` reverse KL.
+- `total_variation` is `0.5 * sum |p_teacher - p_student|`.
+- `skew_kl` is KL(teacher || skew_alpha * p_teacher + (1 - skew_alpha) * p_student) and `skew_reverse_kl` is
+  KL(student || skew_alpha * p_student + (1 - skew_alpha) * p_teacher) (DistiLLM, arXiv 2402.03898).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+DIVERGENCE_NAMES = ("forward_kl", "reverse_kl", "generalized_jsd", "total_variation", "skew_kl", "skew_reverse_kl")
+"""Names accepted by [`token_divergence`] and `DistillationConfig.divergence`."""
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    # sum_v p (log p - log q); exp(log_p) is exactly 0 where log_p is -inf, and xlogy-style masking keeps 0 * inf at 0
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+
+
+def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
+    # log(weight_a * a + (1 - weight_a) * b), stable for weight_a in [0, 1]
+    if weight_a <= 0.0:
+        return log_b
+    if weight_a >= 1.0:
+        return log_a
+    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+
+
+def forward_kl(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per token.
+
+    Args:
+        student_log_probs (`torch.Tensor`): Student log-probabilities, shape `[..., V]`.
+        teacher_log_probs (`torch.Tensor`): Teacher log-probabilities, shape `[..., V]`.
+
+    Returns:
+        `torch.Tensor`: Divergence per token, shape `[...]`.
+    """
+    return _kl(teacher_log_probs, student_log_probs)
+
+
+def reverse_kl(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor) -> torch.Tensor:
+    """KL(student || teacher) per token. Arguments as in [`forward_kl`]."""
+    return _kl(student_log_probs, teacher_log_probs)
+
+
+def generalized_jsd(
+    student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, beta: float = 0.5
+) -> torch.Tensor:
+    """Generalized Jensen-Shannon divergence per token (GKD, arXiv 2306.13649, Eq. 1).
+
+    Args:
+        student_log_probs (`torch.Tensor`): Student log-probabilities, shape `[..., V]`.
+        teacher_log_probs (`torch.Tensor`): Teacher log-probabilities, shape `[..., V]`.
+        beta (`float`, *optional*, defaults to `0.5`): Weight of the teacher in the mixture, in `[0, 1]`. `0` gives
+            the forward KL and `1` the reverse KL, like TRL.
+
+    Returns:
+        `torch.Tensor`: Divergence per token, shape `[...]`.
+    """
+    if beta <= 0.0:
+        return forward_kl(student_log_probs, teacher_log_probs)
+    if beta >= 1.0:
+        return reverse_kl(student_log_probs, teacher_log_probs)
+    log_m = _log_mix(teacher_log_probs, student_log_probs, beta)
+    return beta * _kl(teacher_log_probs, log_m) + (1.0 - beta) * _kl(student_log_probs, log_m)
+
+
+def total_variation(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor) -> torch.Tensor:
+    """Total variation distance `0.5 * sum |p_t - p_s|` per token. Arguments as in [`forward_kl`]."""
+    return 0.5 * (teacher_log_probs.exp() - student_log_probs.exp()).abs().sum(-1)
+
+
+def skew_kl(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, skew_alpha: float = 0.1) -> torch.Tensor:
+    """Skew KL, KL(teacher || skew_alpha * p_t + (1 - skew_alpha) * p_s), per token (DistiLLM).
+
+    Args:
+        student_log_probs (`torch.Tensor`): Student log-probabilities, shape `[..., V]`.
+        teacher_log_probs (`torch.Tensor`): Teacher log-probabilities, shape `[..., V]`.
+        skew_alpha (`float`, *optional*, defaults to `0.1`): Share of the teacher in the skewed student, in `[0, 1)`.
+            `0` gives the forward KL.
+
+    Returns:
+        `torch.Tensor`: Divergence per token, shape `[...]`.
+    """
+    return _kl(teacher_log_probs, _log_mix(teacher_log_probs, student_log_probs, skew_alpha))
+
+
+def skew_reverse_kl(
+    student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, skew_alpha: float = 0.1
+) -> torch.Tensor:
+    """Skew reverse KL, KL(student || skew_alpha * p_s + (1 - skew_alpha) * p_t), per token (DistiLLM).
+
+    Arguments as in [`skew_kl`]; `skew_alpha = 0` gives the reverse KL.
+    """
+    return _kl(student_log_probs, _log_mix(student_log_probs, teacher_log_probs, skew_alpha))
+
+
+def get_divergence(name: str, beta: float = 0.5, skew_alpha: float = 0.1) -> Callable[..., torch.Tensor]:
+    """Return the per-token divergence `fn(student_log_probs, teacher_log_probs)` called `name`.
+
+    Args:
+        name (`str`): One of [`DIVERGENCE_NAMES`].
+        beta (`float`, *optional*, defaults to `0.5`): Used by `generalized_jsd`.
+        skew_alpha (`float`, *optional*, defaults to `0.1`): Used by `skew_kl` and `skew_reverse_kl`.
+
+    Raises:
+        ValueError: If `name` is not a known divergence.
+    """
+    if name == "forward_kl":
+        return forward_kl
+    if name == "reverse_kl":
+        return reverse_kl
+    if name == "generalized_jsd":
+        return lambda s, t: generalized_jsd(s, t, beta)
+    if name == "total_variation":
+        return total_variation
+    if name == "skew_kl":
+        return lambda s, t: skew_kl(s, t, skew_alpha)
+    if name == "skew_reverse_kl":
+        return lambda s, t: skew_reverse_kl(s, t, skew_alpha)
+    raise ValueError(f"Unknown divergence {name!r}. Choose one of {', '.join(DIVERGENCE_NAMES)}.")
+
+
+def token_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew_alpha: float = 0.1,
+) -> torch.Tensor:
+    """Divergence per token between two sets of logits, both divided by `temperature` first.
+
+    The result is *not* multiplied by `temperature**2`; the trainer's loss does that (see
+    [`chunked_distillation_loss`]).
+
+    Args:
+        student_logits (`torch.Tensor`): Student logits, shape `[..., V]`.
+        teacher_logits (`torch.Tensor`): Teacher logits, shape `[..., V]` (same `V`).
+        divergence (`str`, *optional*, defaults to `"forward_kl"`): One of [`DIVERGENCE_NAMES`].
+        temperature (`float`, *optional*, defaults to `1.0`): Softmax temperature, `> 0`.
+        beta (`float`, *optional*, defaults to `0.5`): Used by `generalized_jsd`.
+        skew_alpha (`float`, *optional*, defaults to `0.1`): Used by `skew_kl` and `skew_reverse_kl`.
+
+    Returns:
+        `torch.Tensor`: Divergence per token, shape `[...]`, in float32 or wider.
+    """
+    if student_logits.shape[-1] != teacher_logits.shape[-1]:
+        raise ValueError(
+            f"Student logits have {student_logits.shape[-1]} vocabulary columns but teacher logits have "
+            f"{teacher_logits.shape[-1]}. Slice both to the shared vocabulary first."
+        )
+    fn = get_divergence(divergence, beta=beta, skew_alpha=skew_alpha)
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    s = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    t = torch.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+    return fn(s, t)
