@@ -1,1 +1,55 @@
-"""hf_distill"""
+"""hf_distill: knowledge distillation for Hugging Face transformers and TRL.
+
+Change `from trl import SFTTrainer, SFTConfig` to `from hf_distill import DistillationTrainer, DistillationConfig` and
+pass `teacher_model=`. Heavy submodules are imported lazily, on first attribute access.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "DistillationConfig": "hf_distill.config",
+    "DistillationTrainer": "hf_distill.trainer",
+    "check_dataset_columns": "hf_distill.trainer",
+    "DIVERGENCE_NAMES": "hf_distill.losses",
+    "DenseTeacher": "hf_distill.losses",
+    "DistillationLossOutput": "hf_distill.losses",
+    "HiddenStateTeacher": "hf_distill.losses",
+    "LMHead": "hf_distill.losses",
+    "chunked_distillation_loss": "hf_distill.losses",
+    "token_divergence": "hf_distill.losses",
+    "load_teacher": "hf_distill.teachers.live",
+    "resolve_distill_vocab_size": "hf_distill.teachers.live",
+}
+
+__all__ = sorted(_LAZY)
+
+if TYPE_CHECKING:
+    from .config import DistillationConfig
+    from .losses import (
+        DIVERGENCE_NAMES,
+        DenseTeacher,
+        DistillationLossOutput,
+        HiddenStateTeacher,
+        LMHead,
+        chunked_distillation_loss,
+        token_divergence,
+    )
+    from .teachers.live import load_teacher, resolve_distill_vocab_size
+    from .trainer import DistillationTrainer, check_dataset_columns
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hf_distill' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,0 +1,145 @@
+"""`DistillationConfig`: every distillation knob, on top of TRL's `SFTConfig`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import SFTConfig
+
+from .losses.divergences import DIVERGENCE_NAMES
+
+
+@dataclass
+class DistillationConfig(SFTConfig):
+    r"""Configuration for [`DistillationTrainer`]: an [`~trl.SFTConfig`] plus the distillation parameters.
+
+    Everything `SFTConfig` accepts works unchanged (dataset formats, packing, `completion_only_loss`,
+    `assistant_only_loss`, PEFT, gradient checkpointing, bf16/fp16). The training loss is
+
+    `alpha * CE(student, labels) + (1 - alpha) * temperature**2 * D(student || teacher at temperature)`,
+
+    averaged over the tokens that carry a label (the same tokens SFT trains on), with exact normalisation under gradient
+    accumulation.
+
+    Parameters:
+        teacher_model_name_or_path (`str`, *optional*):
+            Name or local path of the teacher, loaded with `AutoModelForCausalLM.from_pretrained` when the trainer is
+            not given a `teacher_model`.
+        teacher_model_init_kwargs (`dict[str, Any]` or `str`, *optional*):
+            Keyword arguments for the teacher's `from_pretrained` (e.g. `{"dtype": "bfloat16"}`; a JSON string on the
+            command line). `dtype` accepts `"bfloat16"`, `"float16"`, `"float32"` or `"auto"`.
+        teacher_device (`str`, *optional*):
+            Device the teacher runs on (e.g. `"cuda:1"` or `"cpu"`). By default it shares the student's device. Its
+            hidden states are moved to the student's device for the loss.
+        divergence (`str`, *optional*, defaults to `"forward_kl"`):
+            Distillation divergence: `"forward_kl"` (KL(teacher || student)), `"reverse_kl"`, `"generalized_jsd"`
+            (uses `beta`), `"total_variation"`, `"skew_kl"` or `"skew_reverse_kl"` (use `skew_alpha`).
+        beta (`float`, *optional*, defaults to `0.5`):
+            Teacher weight of the generalized JSD mixture, in `[0, 1]`: `0` is forward KL, `1` reverse KL (as in TRL).
+        skew_alpha (`float`, *optional*, defaults to `0.1`):
+            Skew of the skew KL divergences (DistiLLM), in `[0, 1)`.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Softmax temperature applied to both student and teacher logits in the distillation term; the term is
+            multiplied by `temperature**2` so its gradient scale does not depend on it.
+        alpha (`float`, *optional*, defaults to `0.0`):
+            Weight of the hard-label cross-entropy, in `[0, 1]`; the distillation term gets `1 - alpha`. `0` is pure
+            distillation, `1` is plain SFT (the teacher is then only used for logging).
+        distill_vocab_size (`int`, *optional*):
+            Number of leading vocabulary columns compared. By default: all of them when both LM heads have the same
+            number of rows, else the tokenizer's length (models of one family often pad their embedding matrices to
+            different sizes, e.g. 151936 vs 152064 rows for one tokenizer).
+        loss_chunk_size (`int`, *optional*):
+            Tokens per chunk of the loss. By default chosen so that one float32 `[chunk, vocab]` logits tile is about
+            64 MiB. Smaller chunks lower peak memory; larger ones can be a little faster.
+        disable_dropout (`bool`, *optional*, defaults to `True`):
+            Whether to disable dropout in the student (the teacher always runs in eval mode).
+    """
+
+    _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
+
+    teacher_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Name or local path of the teacher model (used when no `teacher_model` is passed)."},
+    )
+    teacher_model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments (dict or JSON string) for the teacher's `from_pretrained`."},
+    )
+    teacher_device: str | None = field(
+        default=None,
+        metadata={"help": "Device for the teacher, e.g. 'cuda:1' or 'cpu'. Default: the student's device."},
+    )
+    divergence: str = field(
+        default="forward_kl",
+        metadata={
+            "help": "Distillation divergence.",
+            "choices": list(DIVERGENCE_NAMES),
+        },
+    )
+    beta: float = field(
+        default=0.5,
+        metadata={"help": "Generalized JSD teacher weight in [0, 1]: 0 = forward KL, 1 = reverse KL."},
+    )
+    skew_alpha: float = field(default=0.1, metadata={"help": "Skew of the skew (reverse) KL, in [0, 1)."})
+    temperature: float = field(
+        default=1.0,
+        metadata={"help": "Distillation temperature (> 0); the term is scaled by temperature**2."},
+    )
+    alpha: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the hard-label cross-entropy in [0, 1]; distillation gets 1 - alpha."},
+    )
+    distill_vocab_size: int | None = field(
+        default=None,
+        metadata={"help": "Leading vocabulary columns compared (default: shared rows, or the tokenizer length)."},
+    )
+    loss_chunk_size: int | None = field(
+        default=None,
+        metadata={"help": "Tokens per loss chunk (default: ~64 MiB float32 logits tiles)."},
+    )
+    disable_dropout: bool = field(default=True, metadata={"help": "Disable dropout in the student."})
+
+    def __post_init__(self):
+        if isinstance(self.teacher_model_init_kwargs, str):
+            try:
+                self.teacher_model_init_kwargs = json.loads(self.teacher_model_init_kwargs)
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"`teacher_model_init_kwargs` must be a dict or a JSON object string, got "
+                    f"{self.teacher_model_init_kwargs!r} ({error})."
+                ) from None
+        super().__post_init__()
+        self._validate_distillation_fields()
+
+    def _validate_distillation_fields(self) -> None:
+        if self.divergence not in DIVERGENCE_NAMES:
+            raise ValueError(
+                f"`divergence={self.divergence!r}` is not supported. Choose one of: {', '.join(DIVERGENCE_NAMES)}."
+            )
+        if not self.temperature > 0:
+            raise ValueError(
+                f"`temperature` must be > 0, got {self.temperature}. Use 1.0 for the plain distributions; values "
+                "above 1 soften them."
+            )
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(
+                f"`beta` must be in [0, 1], got {self.beta}. It is the teacher's weight in the generalized JSD "
+                "mixture: 0 gives forward KL, 1 gives reverse KL."
+            )
+        if not 0.0 <= self.skew_alpha < 1.0:
+            raise ValueError(f"`skew_alpha` must be in [0, 1), got {self.skew_alpha}. DistiLLM uses 0.1.")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(
+                f"`alpha` must be in [0, 1], got {self.alpha}. It weights the hard-label cross-entropy; the "
+                "distillation term gets 1 - alpha."
+            )
+        if self.distill_vocab_size is not None and self.distill_vocab_size <= 0:
+            raise ValueError(f"`distill_vocab_size` must be a positive integer, got {self.distill_vocab_size}.")
+        if self.loss_chunk_size is not None and self.loss_chunk_size <= 0:
+            raise ValueError(f"`loss_chunk_size` must be a positive integer, got {self.loss_chunk_size}.")
+        if self.teacher_model_init_kwargs is not None and not isinstance(self.teacher_model_init_kwargs, dict):
+            raise ValueError(
+                f"`teacher_model_init_kwargs` must be a dict, got {type(self.teacher_model_init_kwargs).__name__}."
+            )
