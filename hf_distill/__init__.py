@@ -26,7 +26,20 @@ _LAZY = {
     "resolve_distill_vocab_size": "hf_distill.teachers.live",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = [
+    "DIVERGENCE_NAMES",
+    "DenseTeacher",
+    "DistillationConfig",
+    "DistillationLossOutput",
+    "DistillationTrainer",
+    "HiddenStateTeacher",
+    "LMHead",
+    "check_dataset_columns",
+    "chunked_distillation_loss",
+    "load_teacher",
+    "resolve_distill_vocab_size",
+    "token_divergence",
+]
 
 if TYPE_CHECKING:
     from .config import DistillationConfig

@@ -20,8 +20,8 @@ class DistillationConfig(SFTConfig):
 
     `alpha * CE(student, labels) + (1 - alpha) * temperature**2 * D(student || teacher at temperature)`,
 
-    averaged over the tokens that carry a label (the same tokens SFT trains on), with exact normalisation under gradient
-    accumulation.
+    averaged over the tokens that carry a label (the same tokens SFT trains on), with exact normalisation under
+    gradient accumulation.
 
     Parameters:
         teacher_model_name_or_path (`str`, *optional*):

@@ -1,7 +1,8 @@
 """`DistillationTrainer`: TRL's `SFTTrainer` with a teacher, for logit distillation.
 
-One training step: batch -> student backbone (last hidden states) -> teacher backbone (no grad) -> chunked loss over
-the labelled tokens (`alpha * CE + (1 - alpha) * T^2 * divergence`, both LM heads applied a chunk at a time) -> backward.
+One training step: batch -> student backbone (last hidden states) -> teacher backbone (no grad) -> chunked loss
+over the labelled tokens (`alpha * CE + (1 - alpha) * T^2 * divergence`, both LM heads applied a chunk at a time)
+-> backward.
 Everything else (dataset formats, packing, masks, PEFT, gradient checkpointing, mixed precision, logging, saving) is
 SFTTrainer's.
 """
