@@ -11,6 +11,12 @@ from trl import SFTConfig
 from .losses.divergences import DIVERGENCE_NAMES
 
 
+def _accelerator_supports_bf16() -> bool:
+    from transformers.utils import is_torch_bf16_gpu_available
+
+    return bool(is_torch_bf16_gpu_available())
+
+
 @dataclass
 class DistillationConfig(SFTConfig):
     r"""Configuration for [`DistillationTrainer`]: an [`~trl.SFTConfig`] plus the distillation parameters.
@@ -55,6 +61,9 @@ class DistillationConfig(SFTConfig):
             64 MiB. Smaller chunks lower peak memory; larger ones can be a little faster.
         disable_dropout (`bool`, *optional*, defaults to `True`):
             Whether to disable dropout in the student (the teacher always runs in eval mode).
+
+    Unlike `SFTConfig`, an unset `bf16` stays off on machines without a bf16-capable accelerator (TRL turns it on
+    and then refuses to run on a CPU-only machine unless `use_cpu=True`).
     """
 
     _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
@@ -110,8 +119,11 @@ class DistillationConfig(SFTConfig):
                     f"`teacher_model_init_kwargs` must be a dict or a JSON object string, got "
                     f"{self.teacher_model_init_kwargs!r} ({error})."
                 ) from None
-        super().__post_init__()
         self._validate_distillation_fields()
+        if self.bf16 is None and not self.fp16 and not self.use_cpu and not _accelerator_supports_bf16():
+            # TRL turns bf16 on by default, which fails outright on a machine without a bf16 accelerator
+            self.bf16 = False
+        super().__post_init__()
 
     def _validate_distillation_fields(self) -> None:
         if self.divergence not in DIVERGENCE_NAMES:

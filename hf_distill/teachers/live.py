@@ -51,7 +51,8 @@ def load_teacher(name_or_path: str, init_kwargs: dict[str, Any] | None = None) -
     from transformers import AutoModelForCausalLM
 
     kwargs = _resolve_dtype(init_kwargs or {})
-    looks_local = os.path.sep in name_or_path or name_or_path.startswith((".", "~")) or os.path.exists(name_or_path)
+    # A Hub id is "name" or "org/name"; anything else with path separators is meant as a local directory
+    looks_local = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path
     if looks_local and not os.path.isdir(os.path.expanduser(name_or_path)):
         raise ValueError(
             f"Teacher model path {name_or_path!r} does not exist. Pass `teacher_model` (or "
@@ -64,9 +65,9 @@ def load_teacher(name_or_path: str, init_kwargs: dict[str, Any] | None = None) -
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         hint = " The Hugging Face Hub is offline (HF_HUB_OFFLINE is set)." if offline else ""
         raise ValueError(
-            f"Could not load the teacher model {name_or_path!r}: {error}.{hint} Pass a local directory written by "
-            "`save_pretrained` (with config.json and weights), a reachable Hub model id, or a loaded model as "
-            "`teacher_model=`."
+            f"Could not load the teacher model {name_or_path!r}: {str(error).rstrip('.')}.{hint} Pass a local "
+            "directory written by `save_pretrained` (with config.json and weights), a reachable Hub model id, or a "
+            "loaded model as `teacher_model=`."
         ) from error
 
 
