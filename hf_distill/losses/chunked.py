@@ -3,8 +3,8 @@
 Neither model's full `[tokens x vocab]` logits ever exist: the student's and the teacher's logits are built for
 `chunk_size` tokens at a time, the loss and its gradient with respect to that tile are computed right away, and the
 tile is dropped. The gradient with respect to the student's hidden states and LM head (weight and bias) is
-accumulated during the forward pass, so the backward pass is a scaling of stored tensors: each tile is projected once
-(TRL's chunked kernel projects it twice more in backward).
+written out by hand (see `divergence_and_grad`) and accumulated during the forward pass, so the backward pass is a
+scaling of stored tensors: each tile is projected once (TRL's chunked kernel projects it twice more in backward).
 
 The hard-label cross-entropy, the distillation term, the teacher-student top-1 agreement and the student's token
 accuracy are all read off the same tile, so mixing in the CE term costs no extra projection.
@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
-from .divergences import get_divergence
+from .divergences import divergence_and_grad
 from .lm_head import LMHead
 
 DEFAULT_TILE_BYTES = 64 * 2**20
@@ -27,6 +26,11 @@ DEFAULT_TILE_BYTES = 64 * 2**20
 
 class TeacherLogits(Protocol):
     """Where the teacher's logits for a range of (already selected) tokens come from."""
+
+    @property
+    def vocab_rows(self) -> int:
+        """Number of vocabulary columns the teacher's logits have."""
+        ...
 
     def logits(self, start: int, end: int) -> torch.Tensor:
         """Teacher logits (float32, final: scaled and soft-capped) for tokens `start:end`, shape `[end-start, V_t]`."""
@@ -48,6 +52,10 @@ class HiddenStateTeacher:
     head: LMHead
     device: torch.device | None = None
 
+    @property
+    def vocab_rows(self) -> int:
+        return self.head.vocab_rows
+
     def logits(self, start: int, end: int) -> torch.Tensor:
         with torch.no_grad():
             out = self.head.logits(self.hidden[start:end])
@@ -59,6 +67,10 @@ class DenseTeacher:
     """Teacher logits that already exist in memory (tests, or small vocabularies), shape `[N, V_t]`."""
 
     logits_tensor: torch.Tensor
+
+    @property
+    def vocab_rows(self) -> int:
+        return self.logits_tensor.shape[-1]
 
     def logits(self, start: int, end: int) -> torch.Tensor:
         return self.logits_tensor[start:end].detach().float()
@@ -104,64 +116,71 @@ class _Job:
 
     def run(self, hidden: torch.Tensor, needs_grad: tuple[bool, bool, bool]):
         head, device = self.head, hidden.device
-        fn = get_divergence(self.divergence, beta=self.beta, skew_alpha=self.skew_alpha)
         n_tokens, v, t = hidden.shape[0], self.vocab_size, self.temperature
-        kd_weight, ce_weight = (1.0 - self.alpha) * t * t, self.alpha
+        kd_scale = (1.0 - self.alpha) * t / self.normaliser  # d(T^2 * D)/dz = T * dD/du, with u = z / T
+        ce_scale = self.alpha / self.normaliser
         want_grad = any(needs_grad)
         grad_hidden = torch.zeros(hidden.shape, device=device, dtype=torch.float32) if needs_grad[0] else None
         grad_weight = torch.zeros(head.weight.shape, device=device, dtype=torch.float32) if needs_grad[1] else None
         grad_bias = torch.zeros(head.bias.shape, device=device, dtype=torch.float32) if needs_grad[2] else None
         zero = torch.zeros((), device=device, dtype=torch.float64)
-        loss, distill_sum, ce_sum, agree, correct = (zero.clone() for _ in range(5))
+        distill_sum, ce_sum, agree, correct = (zero.clone() for _ in range(4))
 
         for start in range(0, n_tokens, self.chunk_size):
             end = min(start + self.chunk_size, n_tokens)
-            h = hidden[start:end]
-            raw = head.project(h.detach())
+            h = hidden[start:end].detach()
+            raw = head.project(h)
+            student = head.transform(raw)
+            teacher = self.teacher.logits(start, end)
+            s_log_probs = torch.log_softmax(student[:, :v] / t if t != 1.0 else student[:, :v], dim=-1)
+            t_log_probs = torch.log_softmax(teacher[:, :v] / t if t != 1.0 else teacher[:, :v], dim=-1)
+            s_probs = s_log_probs.exp()
+            values, grad = divergence_and_grad(
+                self.divergence, s_log_probs, t_log_probs, s_probs, self.beta, self.skew_alpha
+            )
+            distill_sum += values.sum().double()
+            agree += (student[:, :v].argmax(-1) == teacher[:, :v].argmax(-1)).sum()
+            del t_log_probs, teacher
+            if want_grad:  # dD/du = G - p * sum(G), u = z / T
+                grad.sub_(s_probs * grad.sum(-1, keepdim=True)).mul_(kd_scale)
+                if v < student.shape[-1]:
+                    grad = torch.cat([grad, grad.new_zeros(grad.shape[0], student.shape[-1] - v)], dim=-1)
+            if self.labels is not None:
+                labels = self.labels[start:end]
+                valid = labels != -100
+                safe = labels.clamp(min=0).unsqueeze(-1)
+                if t == 1.0 and v == student.shape[-1]:
+                    ce_log_probs, ce_probs = s_log_probs, s_probs
+                else:
+                    ce_log_probs = torch.log_softmax(student, dim=-1)
+                    ce_probs = ce_log_probs.exp() if want_grad and ce_scale else None
+                token_nll = -ce_log_probs.gather(-1, safe).squeeze(-1)
+                ce_sum += torch.where(valid, token_nll, torch.zeros_like(token_nll)).sum().double()
+                correct += ((student.argmax(-1) == labels) & valid).sum()
+                if want_grad and ce_scale:  # dCE/dz = softmax(z) - onehot(label), on valid rows
+                    ce_grad = ce_probs * valid.unsqueeze(-1)
+                    ce_grad.scatter_add_(-1, safe, -valid.to(ce_grad.dtype).unsqueeze(-1))
+                    grad.add_(ce_grad, alpha=ce_scale)
+                    del ce_grad
+                del ce_log_probs, ce_probs
+            del s_log_probs, s_probs
             if want_grad:
-                raw.requires_grad_(True)
-            labels = None if self.labels is None else self.labels[start:end]
-            with torch.enable_grad() if want_grad else torch.no_grad():
-                student = head.transform(raw)
-                teacher = self.teacher.logits(start, end)
-                s_log_probs = torch.log_softmax(student[:, :v] / t, dim=-1)
-                t_log_probs = torch.log_softmax(teacher[:, :v] / t, dim=-1)
-                divergence = fn(s_log_probs, t_log_probs).sum()
-                chunk_loss = kd_weight * divergence if kd_weight != 0.0 else None
-                ce = None
-                if labels is not None:
-                    valid = labels != -100
-                    safe = labels.clamp(min=0).unsqueeze(-1)
-                    if t == 1.0 and v == student.shape[-1]:
-                        token_nll = -s_log_probs.gather(-1, safe).squeeze(-1)
-                    else:
-                        token_nll = F.cross_entropy(student, labels.clamp(min=0), reduction="none")
-                    ce = torch.where(valid, token_nll, torch.zeros_like(token_nll)).sum()
-                    if ce_weight != 0.0:
-                        chunk_loss = ce_weight * ce if chunk_loss is None else chunk_loss + ce_weight * ce
-                if chunk_loss is None:
-                    chunk_loss = divergence * 0.0
-                chunk_loss = chunk_loss / self.normaliser
-                if want_grad:
-                    (grad_raw,) = torch.autograd.grad(chunk_loss, raw)
-            with torch.no_grad():
-                loss += chunk_loss.detach().double()
-                distill_sum += divergence.detach().double()
-                student_top1 = student[:, :v].detach().argmax(-1)
-                agree += (student_top1 == teacher[:, :v].argmax(-1)).sum()
-                if labels is not None:
-                    ce_sum += ce.detach().double()
-                    correct += ((student.detach().argmax(-1) == labels) & (labels != -100)).sum()
-            if want_grad:
-                del student, teacher, s_log_probs, t_log_probs
-                g = grad_raw.to(head.weight.dtype)
+                if head.softcap is not None:  # z = c * tanh(scale * raw / c): dz/draw = scale * (1 - (z / c)^2)
+                    grad.mul_(1.0 - (student / head.softcap).square_())
+                if head.logit_scale != 1.0:
+                    grad.mul_(head.logit_scale)
+                g = grad.to(head.weight.dtype)
                 if grad_hidden is not None:
                     grad_hidden[start:end] = (g @ head.weight).float()
                 if grad_weight is not None:
-                    grad_weight.addmm_(g.t().float(), h.detach().to(device).float())
+                    grad_weight.addmm_(g.t().float(), h.float())
                 if grad_bias is not None:
-                    grad_bias += grad_raw.sum(0)
+                    grad_bias += grad.sum(0)
+            del student, raw, grad
 
+        loss = (
+            (1.0 - self.alpha) * t * t * distill_sum + self.alpha * (ce_sum if self.labels is not None else 0.0)
+        ) / self.normaliser
         self.stats = {
             "distill_sum": distill_sum.float(),
             "ce_sum": ce_sum.float() if self.labels is not None else None,
@@ -240,10 +259,14 @@ def chunked_distillation_loss(
         raise ValueError(f"`student_hidden` must be [tokens, hidden], got shape {tuple(student_hidden.shape)}.")
     if alpha > 0.0 and labels is None:
         raise ValueError("`alpha > 0` mixes in the hard-label cross-entropy, which needs `labels`.")
+    shared_rows = min(student_head.vocab_rows, teacher.vocab_rows)
     if vocab_size is None:
-        vocab_size = student_head.vocab_rows
-    if vocab_size > student_head.vocab_rows:
-        raise ValueError(f"`vocab_size`={vocab_size} exceeds the student's {student_head.vocab_rows} LM-head rows.")
+        vocab_size = shared_rows
+    if vocab_size > shared_rows:
+        raise ValueError(
+            f"`vocab_size`={vocab_size} exceeds the LM heads (student {student_head.vocab_rows} rows, teacher "
+            f"{teacher.vocab_rows} rows); use at most {shared_rows}."
+        )
     n_tokens = student_hidden.shape[0]
     if num_items_in_batch is None:
         normaliser = float(max(n_tokens, 1))
