@@ -32,6 +32,11 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
 
 
+def _weighted_gap(q: torch.Tensor, log_q: torch.Tensor, log_r: torch.Tensor) -> torch.Tensor:
+    # sum_v q (log q - log r), with 0 where q is 0 (a teacher that rules a token out has log q = -inf there)
+    return torch.where(q > 0, q * (log_q - log_r), torch.zeros_like(q)).sum(-1)
+
+
 def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
     # log(weight_a * a + (1 - weight_a) * b), stable for weight_a in [0, 1]
     if weight_a <= 0.0:
@@ -170,7 +175,7 @@ def divergence_and_grad(
         name = "reverse_kl"
     if name == "forward_kl":
         q = t.exp()
-        value = (q * (t - s)).sum(-1)
+        value = _weighted_gap(q, t, s)
         return value, q.neg_()
     if name == "reverse_kl":
         d = s - t
@@ -179,7 +184,7 @@ def divergence_and_grad(
     if name == "generalized_jsd":
         q = t.exp()
         log_m = _log_mix(t, s, beta)
-        value = beta * (q * (t - log_m)).sum(-1)
+        value = beta * _weighted_gap(q, t, log_m)
         g = (s - log_m).mul_(p)
         value += (1.0 - beta) * g.sum(-1)
         return value, g.mul_(1.0 - beta)
@@ -190,7 +195,7 @@ def divergence_and_grad(
     if name == "skew_kl":
         q = t.exp()
         log_m = _log_mix(t, s, skew_alpha)
-        value = (q * (t - log_m)).sum(-1)
+        value = _weighted_gap(q, t, log_m)
         return value, (t + s).sub_(log_m).exp_().mul_(-(1.0 - skew_alpha))
     if name == "skew_reverse_kl":
         log_m = _log_mix(s, t, skew_alpha)

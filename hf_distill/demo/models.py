@@ -1,0 +1,90 @@
+"""Tiny Llama-style teacher and student for the demo, built from configs (random init, no download).
+
+Both share the demo tokenizer's vocabulary (so their logits can be compared token for token). The teacher is sized to
+learn the arithmetic task in one to two minutes of CPU training; the student is a few times smaller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    """Shape of a tiny Llama model.
+
+    Args:
+        hidden_size (`int`): Width of the residual stream.
+        num_hidden_layers (`int`): Number of decoder layers.
+        num_attention_heads (`int`): Number of attention heads (and key-value heads).
+        intermediate_size (`int`): Width of the MLP.
+    """
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+
+
+TEACHER_SPEC = TinyModelSpec(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512)
+"""Default teacher: about 0.8M parameters."""
+
+STUDENT_SPEC = TinyModelSpec(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256)
+"""Default student: about 0.1M parameters."""
+
+
+def tiny_llama_config(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerBase, max_position_embeddings: int = 256):
+    """`LlamaConfig` of shape `spec` over `tokenizer`'s vocabulary and special tokens.
+
+    Args:
+        spec ([`TinyModelSpec`]): Model shape.
+        tokenizer ([`~transformers.PreTrainedTokenizerBase`]): Tokenizer whose vocabulary size and pad, BOS and EOS
+            ids the model uses.
+        max_position_embeddings (`int`, *optional*, defaults to `256`): Longest sequence the model is meant for.
+
+    Returns:
+        [`~transformers.LlamaConfig`]: The configuration (untied embeddings, no dropout).
+    """
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_attention_heads,
+        max_position_embeddings=max_position_embeddings,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def build_tiny_model(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerBase, seed: int | None = None):
+    """Randomly initialised causal LM of shape `spec` (float32).
+
+    Args:
+        spec ([`TinyModelSpec`]): Model shape, e.g. [`TEACHER_SPEC`] or [`STUDENT_SPEC`].
+        tokenizer ([`~transformers.PreTrainedTokenizerBase`]): The tokenizer the model is trained with.
+        seed (`int`, *optional*): Seed of the initialisation; `None` uses the current RNG state.
+
+    Returns:
+        [`~transformers.PreTrainedModel`]: The model, with its generation config's pad and EOS ids set.
+    """
+    if seed is not None:
+        from transformers import set_seed
+
+        set_seed(seed)
+    model: PreTrainedModel = AutoModelForCausalLM.from_config(tiny_llama_config(spec, tokenizer))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
+def count_parameters(model: PreTrainedModel) -> int:
+    """Number of parameters of `model`."""
+    return sum(p.numel() for p in model.parameters())
