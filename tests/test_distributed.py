@@ -1,0 +1,36 @@
+"""Two processes (DDP over gloo, CPU) train exactly like one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+HERE = Path(__file__).parent
+
+
+def _run(cmd: list[str]) -> None:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_ddp_matches_single_process(tmp_path):
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    _run([sys.executable, str(HERE / "ddp_worker.py"), str(single), "4"])
+    _run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+         str(HERE / "ddp_worker.py"), str(ddp), "2"]
+    )  # fmt: skip
+    losses_single = json.loads((single / "losses.json").read_text())
+    losses_ddp = json.loads((ddp / "losses.json").read_text())
+    assert len(losses_single) == 3
+    torch.testing.assert_close(torch.tensor(losses_ddp), torch.tensor(losses_single), rtol=1e-4, atol=1e-6)
+    weights_single, weights_ddp = load_file(single / "model.safetensors"), load_file(ddp / "model.safetensors")
+    for key, value in weights_single.items():
+        torch.testing.assert_close(weights_ddp[key], value, rtol=1e-4, atol=1e-5)
