@@ -9,6 +9,7 @@ SFTTrainer's.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -154,9 +155,10 @@ class DistillationTrainer(SFTTrainer):
         self._forward_redirection = _ForwardRedirection()
 
         if teacher_processing_class is None:
-            teacher_processing_class = try_load_tokenizer(
-                teacher_source or getattr(getattr(teacher_model, "config", None), "_name_or_path", None)
-            )
+            # The teacher's own repository/directory; for a loaded teacher only a local directory (no download)
+            source = teacher_source or getattr(getattr(teacher_model, "config", None), "_name_or_path", None)
+            if source and (teacher_source or os.path.isdir(source)):
+                teacher_processing_class = try_load_tokenizer(source)
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         teacher_tokenizer = getattr(teacher_processing_class, "tokenizer", teacher_processing_class)
         student_head = LMHead.from_model(unwrap_peft(self.model))
@@ -264,7 +266,8 @@ class DistillationTrainer(SFTTrainer):
                 torch.tensor(float(result.num_tokens), device=device),
             ]
         )
-        totals = self.accelerator.gather_for_metrics(local.unsqueeze(0)).sum(0)
+        # `gather`, not `gather_for_metrics`: the latter trims the last evaluation batch by sample count
+        totals = self.accelerator.gather(local.unsqueeze(0)).sum(0)
         n = totals[4].item()
         if n > 0:
             for name, value in zip(_METRIC_NAMES, totals[:4].tolist()):
@@ -274,5 +277,5 @@ class DistillationTrainer(SFTTrainer):
                 seen = inputs["attention_mask"].sum()
             else:
                 seen = torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)
-            self._total_train_tokens += int(self.accelerator.gather_for_metrics(seen.reshape(1)).sum().item())
+            self._total_train_tokens += int(self.accelerator.gather(seen.reshape(1)).sum().item())
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
