@@ -139,7 +139,8 @@ class _Job:
                 self.divergence, s_log_probs, t_log_probs, s_probs, self.beta, self.skew_alpha
             )
             distill_sum += values.sum().double()
-            agree += (student[:, :v].argmax(-1) == teacher[:, :v].argmax(-1)).sum()
+            student_top1 = student[:, :v].argmax(-1)
+            agree += (student_top1 == teacher[:, :v].argmax(-1)).sum()
             del t_log_probs, teacher
             if want_grad:  # dD/du = G - p * sum(G), u = z / T
                 grad.sub_(s_probs * grad.sum(-1, keepdim=True)).mul_(kd_scale)
@@ -156,7 +157,8 @@ class _Job:
                     ce_probs = ce_log_probs.exp() if want_grad and ce_scale else None
                 token_nll = -ce_log_probs.gather(-1, safe).squeeze(-1)
                 ce_sum += torch.where(valid, token_nll, torch.zeros_like(token_nll)).sum().double()
-                correct += ((student.argmax(-1) == labels) & valid).sum()
+                top1 = student_top1 if v == student.shape[-1] else student.argmax(-1)
+                correct += ((top1 == labels) & valid).sum()
                 if want_grad and ce_scale:  # dCE/dz = softmax(z) - onehot(label), on valid rows
                     ce_grad = ce_probs * valid.unsqueeze(-1)
                     ce_grad.scatter_add_(-1, safe, -valid.to(ce_grad.dtype).unsqueeze(-1))

@@ -34,7 +34,10 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 def _weighted_gap(q: torch.Tensor, log_q: torch.Tensor, log_r: torch.Tensor) -> torch.Tensor:
     # sum_v q (log q - log r), with 0 where q is 0 (a teacher that rules a token out has log q = -inf there)
-    return torch.where(q > 0, q * (log_q - log_r), torch.zeros_like(q)).sum(-1)
+    gap = q * (log_q - log_r)
+    if not torch.isfinite(log_q).all():  # only a teacher that rules tokens out needs the 0 * inf = 0 mask
+        gap = gap.masked_fill_(q == 0, 0.0)
+    return gap.sum(-1)
 
 
 def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
