@@ -1,4 +1,4 @@
-"""Multi-digit arithmetic with worked, digit-by-digit solutions: a generated task with checkable answers.
+r"""Multi-digit arithmetic with worked, digit-by-digit solutions: a generated task with checkable answers.
 
 The demo trains a teacher on it from scratch and distils a student from that teacher; later examples reuse it for
 reasoning distillation, because every completion is a short chain of verifiable steps that ends in a final answer.
@@ -9,19 +9,35 @@ after aligning both operands to the same width:
 
 ```
 prompt:      "4738+295="
-completion:  "\\n4738+0295\\n8+5+0=13\\n3+9+1=13\\n7+2+1=10\\n4+0+1=05\\n#### 5033"
+completion:  "\n4738+0295\n8+5+0=13\n3+9+1=13\n7+2+1=10\n4+0+1=05\n####  5033"
+```
+
+which reads
+
+```
+4738+295=
+4738+0295
+8+5+0=13
+3+9+1=13
+7+2+1=10
+4+0+1=05
+####  5033
 ```
 
 - The first line rewrites both operands zero-padded to `width = max(max_digits, len(a), len(b))` digits.
 - Each column line is `x{op}y{op}c=tu`, for the column's digits `x` (of `a`) and `y` (of `b`), the carry (or borrow)
   `c` coming in from the column on its right, and a two-digit result `tu`: `u` is the result digit of that column and
   `t` is the carry (borrow) going out. For addition `10 * t + u = x + y + c`; for subtraction `u - 10 * t = x - y - c`.
-- The last line is [`ANSWER_MARKER`] followed by the result: the final carry (when it is 1) then the result digits
-  from the last column to the first, without leading zeros. [`extract_answer`] reads it back.
+- The last line is [`ANSWER_MARKER`], a space, and the result (the final carry when it is 1, then the result digits
+  from the last column to the first, without leading zeros) right-aligned in `width + 1` characters, like the sum
+  under a written addition. [`extract_answer`] reads it back.
 
-Every line has a fixed width, so a small character-level transformer can learn the task in about a minute of CPU
-training. Everything is deterministic given the seed, and [`make_arithmetic_splits`] returns train and held-out sets
-with no problem in common.
+Every line has a fixed width and every character of the answer a fixed offset from the digit it copies, so a small
+character-level transformer learns the task in a minute or two of CPU training. (With a left-aligned answer, small
+models get the column steps right but often misplace digits of the final answer.)
+
+Everything is deterministic given the seed, and [`make_arithmetic_splits`] returns train and held-out sets with no
+problem in common.
 """
 
 from __future__ import annotations
@@ -83,7 +99,7 @@ class ArithmeticProblem:
 
     @property
     def completion(self) -> str:
-        """The worked solution, starting with a newline and ending with `"#### <answer>"` (no end-of-sequence)."""
+        """The worked solution, starting with a newline and ending with the answer line (no end-of-sequence)."""
         return worked_solution(self.a, self.b, self.op, self.width)
 
     @property
@@ -102,7 +118,7 @@ def worked_solution(a: int, b: int, op: str = "+", width: int | None = None) -> 
         width (`int`, *optional*): Number of columns; defaults to the number of digits of the longer operand.
 
     Returns:
-        `str`: The completion text, e.g. `"\\n47+05\\n7+5+0=12\\n4+0+1=05\\n#### 52"` for `47+5` with `width=2`.
+        `str`: The completion text, e.g. `"\\n47+05\\n7+5+0=12\\n4+0+1=05\\n####  52"` for `47+5` with `width=2`.
     """
     width = width or max(len(str(a)), len(str(b)))
     da, db = str(a).zfill(width), str(b).zfill(width)
@@ -120,8 +136,9 @@ def worked_solution(a: int, b: int, op: str = "+", width: int | None = None) -> 
         lines.append(f"{x}{op}{y}{op}{carry}={out}{digit}")
         digits.append(str(digit))
         carry = out
-    result = (str(carry) if carry else "") + "".join(reversed(digits))
-    lines.append(f"{ANSWER_MARKER} {int(result)}")
+    result = str(int(str(carry) + "".join(reversed(digits))))
+    # right-aligned under the columns: every answer character sits at a fixed offset from the digits it comes from
+    lines.append(f"{ANSWER_MARKER} {result.rjust(width + 1)}")
     return "\n" + "\n".join(lines)
 
 

@@ -29,10 +29,12 @@ class TinyModelSpec:
 
 
 TEACHER_SPEC = TinyModelSpec(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512)
-"""Default teacher: about 0.8M parameters."""
+"""Default teacher: 1.05M parameters. 300 steps of 64 examples (about 2 minutes on two CPU cores) bring it to about 90%
+exact match on 2-4 digit addition."""
 
-STUDENT_SPEC = TinyModelSpec(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256)
-"""Default student: about 0.1M parameters."""
+STUDENT_SPEC = TinyModelSpec(hidden_size=96, num_hidden_layers=2, num_attention_heads=4, intermediate_size=384)
+"""Default student: 0.30M parameters, 3.5 times fewer than the teacher. Width matters more than depth here: with the
+same budget a 64-wide student (2 or 3 layers) rarely gets the final answer right."""
 
 
 def tiny_llama_config(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerBase, max_position_embeddings: int = 256):
