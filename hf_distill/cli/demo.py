@@ -32,7 +32,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--teacher-steps", type=int, default=None, help="Teacher SFT steps (default: 300, quick: 20).")
     parser.add_argument(
-        "--student-steps", type=int, default=None, help="Student distillation steps (default: 300, quick: 10)."
+        "--student-steps", type=int, default=None, help="Student distillation steps (default: 400, quick: 10)."
     )
     parser.add_argument("--batch-size", type=int, default=None, help="Examples per step (default: 64, quick: 16).")
     parser.add_argument(
