@@ -18,10 +18,19 @@ def naive_softmax(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
 
 
 def naive_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) = sum_v p_v * log(p_v / q_v), with 0 * log(0 / q) = 0."""
-    # where p_v = 0 the term is 0 whatever q_v; writing log(1 / q_v) there keeps autograd free of 0 * inf
-    p_in_log = torch.where(p > 0, p, torch.ones_like(p))
-    return (p * torch.log(p_in_log / q)).sum(-1)
+    """KL(p || q) = sum_v p_v * log(p_v / q_v), with 0 * log(0 / q) = 0 (also for q = 0), +inf where p_v > q_v = 0."""
+    # where p_v = 0 the term is 0 whatever q_v; writing log(1 / 1) there keeps autograd free of 0 * inf
+    live = p > 0
+    p_in_log = torch.where(live, p, torch.ones_like(p))
+    q_in_log = torch.where(live, q, torch.ones_like(q))
+    return torch.where(live, p * torch.log(p_in_log / q_in_log), torch.zeros_like(p)).sum(-1)
+
+
+def naive_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """H(p) = -sum_v p_v log p_v of softmax(logits) at T = 1, with 0 log 0 = 0, in float64."""
+    p = naive_softmax(logits, 1.0)
+    live = p > 0
+    return -torch.where(live, p * torch.log(torch.where(live, p, torch.ones_like(p))), torch.zeros_like(p)).sum(-1)
 
 
 def naive_divergence(
@@ -86,6 +95,31 @@ def naive_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch
     return total
 
 
+def naive_cross_entropy_variant_sum(
+    logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0, ce_loss_type: str = "nll"
+) -> torch.Tensor:
+    """Sum over tokens with label != -100 of the CE variant, at T = 1 over all V columns.
+
+    `"nll"`: `(1 - eps) * (-log p_label) + eps * (1 / V) * sum_v (-log p_v)` (plain NLL at eps = 0).
+    `"dft"`: `(-log p_label) * p_label`, with `p_label` a constant (detached) and the term 0 where `p_label` is 0.
+    """
+    p = naive_softmax(logits, 1.0)
+    total = torch.zeros((), dtype=torch.float64)
+    for i in range(labels.shape[0]):
+        label = int(labels[i])
+        if label == -100:
+            continue
+        nll = -torch.log(p[i, label])
+        if ce_loss_type == "dft":
+            weight = p[i, label].detach()
+            if weight > 0:
+                total = total + nll * weight
+        else:
+            uniform = -torch.log(p[i]).sum() / p.shape[-1]
+            total = total + (1.0 - label_smoothing) * nll + (label_smoothing * uniform if label_smoothing else 0.0)
+    return total
+
+
 def naive_distillation_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -97,13 +131,26 @@ def naive_distillation_loss(
     beta: float,
     skew_alpha: float,
     vocab_size: int,
-    normaliser: float,
+    normaliser: float | None = None,
+    label_smoothing: float = 0.0,
+    ce_loss_type: str = "nll",
 ) -> dict:
     """Reference for `chunked_distillation_loss` from full logits.
 
-    Returns a dict with `loss`, `distill_sum`, `ce_sum`, `agree_count` and `correct_count`.
+    With `labels`, only the rows whose label is not -100 are scored (divergence, CE, agreement, accuracy, entropy);
+    without, every row. `normaliser` defaults to the number of scored rows (at least 1).
+
+    Returns a dict with `loss`, `distill_sum`, `ce_sum` (plain NLL), `ce_loss_sum` (the CE variant in the loss),
+    `agree_count`, `correct_count`, `entropy_sum` and `num_tokens`.
     """
     teacher_logits = teacher_logits.detach()
+    if labels is not None:
+        scored = [i for i in range(labels.shape[0]) if int(labels[i]) != -100]
+        rows = torch.tensor(scored, dtype=torch.long)
+        student_logits, teacher_logits, labels = student_logits[rows], teacher_logits[rows], labels[rows]
+    num_tokens = student_logits.shape[0]
+    if normaliser is None:
+        normaliser = float(max(num_tokens, 1))
     per_token = naive_divergence(
         student_logits[:, :vocab_size],
         teacher_logits[:, :vocab_size],
@@ -114,9 +161,14 @@ def naive_distillation_loss(
     )
     distill_sum = per_token.sum()
     ce_sum = naive_cross_entropy_sum(student_logits, labels) if labels is not None else None
-    loss = (1.0 - alpha) * temperature**2 * distill_sum
+    ce_loss_sum = None
+    if labels is not None:
+        ce_loss_sum = naive_cross_entropy_variant_sum(student_logits, labels, label_smoothing, ce_loss_type)
+    loss = torch.zeros((), dtype=torch.float64)
+    if alpha != 1.0:
+        loss = loss + (1.0 - alpha) * temperature**2 * distill_sum
     if alpha != 0.0:
-        loss = loss + alpha * ce_sum
+        loss = loss + alpha * ce_loss_sum
     loss = loss / normaliser
 
     student_top1 = student_logits[:, :vocab_size].detach().argmax(-1)
@@ -125,11 +177,14 @@ def naive_distillation_loss(
     correct_count = None
     if labels is not None:
         full_top1 = student_logits.detach().argmax(-1)
-        correct_count = sum(int(full_top1[i]) == int(labels[i]) for i in range(labels.shape[0]) if labels[i] != -100)
+        correct_count = sum(int(full_top1[i]) == int(labels[i]) for i in range(labels.shape[0]))
     return {
         "loss": loss,
         "distill_sum": distill_sum,
         "ce_sum": ce_sum,
+        "ce_loss_sum": ce_loss_sum,
         "agree_count": agree_count,
         "correct_count": correct_count,
+        "entropy_sum": naive_entropy(student_logits.detach()).sum(),
+        "num_tokens": num_tokens,
     }

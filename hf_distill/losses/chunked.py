@@ -6,22 +6,31 @@ tile is dropped. The gradient with respect to the student's hidden states and LM
 written out by hand (see `divergence_and_grad`) and accumulated during the forward pass, so the backward pass is a
 scaling of stored tensors: each tile is projected once (TRL's chunked kernel projects it twice more in backward).
 
-The hard-label cross-entropy, the distillation term, the teacher-student top-1 agreement and the student's token
-accuracy are all read off the same tile, so mixing in the CE term costs no extra projection.
+The hard-label cross-entropy (plain, label-smoothed or DFT), the distillation term, the teacher-student top-1
+agreement, the student's token accuracy and its entropy are all read off the same tile, so mixing in the CE term or
+logging the statistics costs no extra projection.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .divergences import divergence_and_grad
 from .lm_head import LMHead
 
 DEFAULT_TILE_BYTES = 64 * 2**20
 """Target size of one float32 `[chunk, vocab]` logits tile when `chunk_size` is left to choose itself."""
+
+IGNORE_INDEX = -100
+"""Label of a token that is not scored (the transformers convention)."""
+
+CE_LOSS_TYPES = ("nll", "dft")
+"""Values accepted by the `ce_loss_type` argument of [`chunked_distillation_loss`]."""
 
 
 class TeacherLogits(Protocol):
@@ -77,18 +86,58 @@ class DenseTeacher:
 
 
 @dataclass
+class _RowSubsetTeacher:
+    """Any [`TeacherLogits`] restricted to some of its rows (sorted ascending), fetched a contiguous run at a time."""
+
+    source: TeacherLogits
+    rows: list[int]
+
+    @property
+    def vocab_rows(self) -> int:
+        return self.source.vocab_rows
+
+    def logits(self, start: int, end: int) -> torch.Tensor:
+        rows = self.rows[start:end]
+        if not rows:
+            return self.source.logits(0, 0)
+        parts, run_start = [], 0
+        for i in range(1, len(rows) + 1):
+            if i == len(rows) or rows[i] != rows[i - 1] + 1:
+                parts.append(self.source.logits(rows[run_start], rows[i - 1] + 1))
+                run_start = i
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _select_teacher_rows(teacher: TeacherLogits, index: torch.Tensor) -> TeacherLogits:
+    """The teacher's rows `index` (sorted ascending) as a teacher of `len(index)` rows."""
+    if type(teacher) is HiddenStateTeacher:
+        hidden = teacher.hidden.index_select(0, index.to(teacher.hidden.device))
+        return HiddenStateTeacher(hidden, teacher.head, teacher.device)
+    if type(teacher) is DenseTeacher:
+        return DenseTeacher(teacher.logits_tensor.index_select(0, index.to(teacher.logits_tensor.device)))
+    return _RowSubsetTeacher(teacher, index.tolist())
+
+
+@dataclass
 class DistillationLossOutput:
     """Result of [`chunked_distillation_loss`].
 
+    All sums run over the scored tokens: every row, or, when `labels` are given, the rows whose label is not `-100`.
+
     Attributes:
         loss (`torch.Tensor`): Scalar training loss `(alpha * CE_sum + (1 - alpha) * T^2 * D_sum) / normaliser`,
-            differentiable with respect to the student hidden states and LM head.
+            differentiable with respect to the student hidden states and LM head. `CE_sum` is the sum of the chosen
+            cross-entropy variant (plain, label-smoothed or DFT).
         distill_sum (`torch.Tensor`): Sum over tokens of the divergence at temperature `T`, before `T^2` and weights.
-        ce_sum (`torch.Tensor` or `None`): Sum over tokens of the student's cross-entropy on the labels (at `T = 1`),
+        ce_sum (`torch.Tensor` or `None`): Sum over tokens of the student's plain cross-entropy (negative
+            log-likelihood) on the labels at `T = 1`, whatever `label_smoothing` and `ce_loss_type` are (for logging);
             `None` without labels.
         agree_count (`torch.Tensor`): Number of tokens where the student's and teacher's top-1 tokens agree.
         correct_count (`torch.Tensor` or `None`): Number of tokens where the student's top-1 token is the label.
         num_tokens (`int`): Number of tokens scored.
+        entropy_sum (`torch.Tensor` or `None`): Sum over tokens of the entropy (nats) of the student's next-token
+            distribution at `T = 1` over all its LM-head rows, like the `entropy` TRL's `SFTTrainer` logs. Always set
+            by [`chunked_distillation_loss`]; `None` only as the default of a hand-built output.
     """
 
     loss: torch.Tensor
@@ -97,13 +146,14 @@ class DistillationLossOutput:
     agree_count: torch.Tensor
     correct_count: torch.Tensor | None
     num_tokens: int
+    entropy_sum: torch.Tensor | None = None
 
 
 @dataclass
 class _Job:
     head: LMHead
     teacher: TeacherLogits
-    labels: torch.Tensor | None
+    labels: torch.Tensor | None  # every label is scored (no -100): ignored rows are dropped before
     divergence: str
     temperature: float
     alpha: float
@@ -112,60 +162,90 @@ class _Job:
     vocab_size: int
     normaliser: float
     chunk_size: int
+    label_smoothing: float = 0.0
+    ce_loss_type: str = "nll"
     stats: dict = field(default_factory=dict)
 
-    def run(self, hidden: torch.Tensor, needs_grad: tuple[bool, bool, bool]):
+    def run(
+        self, hidden: torch.Tensor, needs_grad: tuple[bool, bool, bool]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]:
+        """The loss and the gradients of `loss` with respect to (hidden, head weight, head bias), where needed."""
         head, device = self.head, hidden.device
         n_tokens, v, t = hidden.shape[0], self.vocab_size, self.temperature
-        kd_scale = (1.0 - self.alpha) * t / self.normaliser  # d(T^2 * D)/dz = T * dD/du, with u = z / T
-        ce_scale = self.alpha / self.normaliser
+        alpha, eps, dft = self.alpha, self.label_smoothing, self.ce_loss_type == "dft"
+        has_labels = self.labels is not None
+        use_ce = has_labels and alpha != 0.0
+        kd_scale = (1.0 - alpha) * t / self.normaliser  # d(T^2 * D)/dz = T * dD/du, with u = z / T
+        ce_scale = alpha / self.normaliser
         want_grad = any(needs_grad)
         grad_hidden = torch.zeros(hidden.shape, device=device, dtype=torch.float32) if needs_grad[0] else None
         grad_weight = torch.zeros(head.weight.shape, device=device, dtype=torch.float32) if needs_grad[1] else None
         grad_bias = torch.zeros(head.bias.shape, device=device, dtype=torch.float32) if needs_grad[2] else None
         zero = torch.zeros((), device=device, dtype=torch.float64)
-        distill_sum, ce_sum, agree, correct = (zero.clone() for _ in range(4))
+        distill_sum, ce_sum, ce_loss_sum, entropy_sum, agree, correct = (zero.clone() for _ in range(6))
 
         for start in range(0, n_tokens, self.chunk_size):
             end = min(start + self.chunk_size, n_tokens)
             h = hidden[start:end].detach()
             raw = head.project(h)
             student = head.transform(raw)
+            rows = student.shape[-1]
+            full = v == rows
+            compared = student if full else student[:, :v]
             teacher = self.teacher.logits(start, end)
-            s_log_probs = torch.log_softmax(student[:, :v] / t if t != 1.0 else student[:, :v], dim=-1)
+            s_log_probs = torch.log_softmax(compared / t if t != 1.0 else compared, dim=-1)
             t_log_probs = torch.log_softmax(teacher[:, :v] / t if t != 1.0 else teacher[:, :v], dim=-1)
             s_probs = s_log_probs.exp()
             values, grad = divergence_and_grad(
                 self.divergence, s_log_probs, t_log_probs, s_probs, self.beta, self.skew_alpha
             )
             distill_sum += values.sum().double()
-            student_top1 = student[:, :v].argmax(-1)
+            student_top1 = compared.argmax(-1)
             agree += (student_top1 == teacher[:, :v].argmax(-1)).sum()
-            del t_log_probs, teacher
-            if want_grad:  # dD/du = G - p * sum(G), u = z / T
-                grad.sub_(s_probs * grad.sum(-1, keepdim=True)).mul_(kd_scale)
-                if v < student.shape[-1]:
-                    grad = torch.cat([grad, grad.new_zeros(grad.shape[0], student.shape[-1] - v)], dim=-1)
-            if self.labels is not None:
-                labels = self.labels[start:end]
-                valid = labels != -100
-                safe = labels.clamp(min=0).unsqueeze(-1)
-                if t == 1.0 and v == student.shape[-1]:
-                    ce_log_probs, ce_probs = s_log_probs, s_probs
-                else:
-                    ce_log_probs = torch.log_softmax(student, dim=-1)
-                    ce_probs = ce_log_probs.exp() if want_grad and ce_scale else None
-                token_nll = -ce_log_probs.gather(-1, safe).squeeze(-1)
-                ce_sum += torch.where(valid, token_nll, torch.zeros_like(token_nll)).sum().double()
-                top1 = student_top1 if v == student.shape[-1] else student.argmax(-1)
-                correct += ((top1 == labels) & valid).sum()
-                if want_grad and ce_scale:  # dCE/dz = softmax(z) - onehot(label), on valid rows
-                    ce_grad = ce_probs * valid.unsqueeze(-1)
-                    ce_grad.scatter_add_(-1, safe, -valid.to(ce_grad.dtype).unsqueeze(-1))
-                    grad.add_(ce_grad, alpha=ce_scale)
-                    del ce_grad
-                del ce_log_probs, ce_probs
+            del t_log_probs, teacher, values
+            if want_grad:
+                if kd_scale:  # dD/du = G - p * sum(G), u = z / T
+                    grad.sub_(s_probs * grad.sum(-1, keepdim=True)).mul_(kd_scale)
+                    if not full:
+                        grad = torch.cat([grad, grad.new_zeros(grad.shape[0], rows - v)], dim=-1)
+                else:  # alpha = 1: the divergence is only logged (and its gradient, maybe not finite, unused)
+                    grad = torch.zeros_like(student)
+            # The student's full next-token distribution at T = 1 (CE, entropy): the tile's when it is the same one
+            if t == 1.0 and full:
+                log_probs, probs = s_log_probs, s_probs
+            elif has_labels:
+                log_probs = torch.log_softmax(student, dim=-1)
+                probs = log_probs.exp()
+            else:
+                log_probs, probs = None, torch.softmax(student, dim=-1)
             del s_log_probs, s_probs
+            entropy_sum += torch.special.entr(probs).sum().double()  # -p log p, 0 where p is 0
+            if has_labels:
+                labels = self.labels[start:end]
+                index = labels.unsqueeze(-1)
+                token_nll = -log_probs.gather(-1, index).squeeze(-1)
+                ce_sum += token_nll.sum().double()
+                top1 = student_top1 if full else student.argmax(-1)
+                correct += (top1 == labels).sum()
+                if use_ce and dft:  # DFT: nll * p_label, p_label a constant; 0 where p_label is 0
+                    p_label = token_nll.neg().exp()
+                    ce_loss_sum += (token_nll * p_label).masked_fill_(p_label == 0, 0.0).sum().double()
+                elif use_ce and eps:  # (1 - eps) nll + eps mean_v(-log p_v), like transformers' LabelSmoother
+                    uniform_nll = log_probs.sum(-1).double().neg_().div_(rows)
+                    ce_loss_sum += ((1.0 - eps) * token_nll.double() + eps * uniform_nll).sum()
+                if want_grad and use_ce:
+                    # nll: p - onehot; smoothed: p - (1 - eps) onehot - eps / V; DFT: p_label (p - onehot)
+                    if dft:
+                        grad.addcmul_(probs, p_label.unsqueeze(-1), value=ce_scale)
+                        label_grad = (p_label * -ce_scale).unsqueeze(-1)
+                    else:
+                        grad.add_(probs, alpha=ce_scale)
+                        if eps:
+                            grad.sub_(eps * ce_scale / rows)
+                        label_grad = grad.new_full(index.shape, -(1.0 - eps) * ce_scale)
+                    grad.scatter_add_(-1, index, label_grad.to(grad.dtype))
+                del token_nll
+            del log_probs, probs
             if want_grad:
                 if head.softcap is not None:  # z = c * tanh(scale * raw / c): dz/draw = scale * (1 - (z / c)^2)
                     grad.mul_(1.0 - (student / head.softcap).square_())
@@ -178,35 +258,48 @@ class _Job:
                     grad_weight.addmm_(g.t().float(), h.float())
                 if grad_bias is not None:
                     grad_bias += grad.sum(0)
-            del student, raw, grad
+                del g, grad
+            del student, raw
 
-        loss = (
-            (1.0 - self.alpha) * t * t * distill_sum + self.alpha * (ce_sum if self.labels is not None else 0.0)
-        ) / self.normaliser
+        if use_ce and not dft and not eps:
+            ce_loss_sum = ce_sum
+        # each term only when its weight is non-zero: 0 * inf would make the loss nan
+        loss = zero.clone()
+        if alpha != 1.0:
+            loss += (1.0 - alpha) * t * t * distill_sum
+        if use_ce:
+            loss += alpha * ce_loss_sum
+        loss /= self.normaliser
         self.stats = {
             "distill_sum": distill_sum.float(),
-            "ce_sum": ce_sum.float() if self.labels is not None else None,
+            "ce_sum": ce_sum.float() if has_labels else None,
             "agree_count": agree,
-            "correct_count": correct if self.labels is not None else None,
+            "correct_count": correct if has_labels else None,
+            "entropy_sum": entropy_sum.float(),
         }
         return loss.to(torch.float32), (grad_hidden, grad_weight, grad_bias)
+
+
+def _unchanged(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 class _ChunkedDistillationFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, job: _Job):
         loss, grads = job.run(hidden, tuple(ctx.needs_input_grad[:3]))
-        ctx.grads = grads
+        # Saved through autograd (intermediate tensors and None are allowed), not as a ctx attribute: autograd frees
+        # them after a backward without `retain_graph` and keeps them for another backward with it.
+        ctx.save_for_backward(*grads)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output):
         scale = grad_output.float()
-        out = []
-        for grad, dtype in zip(ctx.grads, ctx.dtypes):
-            out.append(None if grad is None else (grad * scale).to(dtype))
-        ctx.grads = None
+        grads = ctx.saved_tensors
+        out = [None if grad is None else (grad * scale).to(dtype) for grad, dtype in zip(grads, ctx.dtypes)]
         return (*out, None)
 
 
@@ -229,21 +322,37 @@ def chunked_distillation_loss(
     vocab_size: int | None = None,
     num_items_in_batch: int | float | torch.Tensor | None = None,
     chunk_size: int | None = None,
+    label_smoothing: float = 0.0,
+    ce_loss_type: str = "nll",
 ) -> DistillationLossOutput:
     """Distillation loss over selected tokens, computed a chunk of tokens at a time.
 
     `loss = (alpha * sum_tokens CE + (1 - alpha) * temperature**2 * sum_tokens D_T(student || teacher)) / n`, where
     `D_T` is the chosen divergence between the distributions at temperature `T` over the first `vocab_size` columns,
     CE is the student's cross-entropy on `labels` at `T = 1` over all its rows, and `n` is `num_items_in_batch` (the
-    token count of the whole accumulated batch, for exact gradient accumulation) or the number of tokens here.
+    token count of the whole accumulated batch, for exact gradient accumulation) or the number of tokens scored here.
+
+    When `labels` are given, the rows whose label is `-100` are not scored at all: no divergence, CE, agreement,
+    accuracy or entropy, a zero gradient, and they do not count in `num_tokens` or the default `n` (a single check
+    when there is none). Without labels every row is scored.
+
+    The CE term per token is, for `ce_loss_type="nll"`, `(1 - label_smoothing) * nll + label_smoothing *
+    mean_v(-log p_v)` with the mean over all the student's LM-head rows (exactly transformers' `LabelSmoother`; the
+    plain NLL at `label_smoothing=0`), and for `ce_loss_type="dft"` (Dynamic Fine-Tuning, arXiv 2508.05629, TRL's
+    `SFTTrainer(loss_type="dft")`) `nll * p_label`, with `p_label = exp(-nll)` held constant (detached). The output's
+    `ce_sum` is the plain NLL sum whichever variant the loss uses.
+
+    Zero probabilities (`-inf` logits in either model) follow `0 * log 0 = 0`: see [`divergence_and_grad`]. A
+    divergence that is infinite by definition (e.g. forward KL with a student logit of `-inf` where the teacher has
+    mass) makes the loss `+inf`.
 
     Args:
         student_hidden (`torch.Tensor`): Student last hidden states of the tokens to score, shape `[N, H_s]`.
         student_head ([`LMHead`]): The student's LM head.
         teacher ([`TeacherLogits`]): Source of the teacher's logits for the same `N` tokens, e.g.
             [`HiddenStateTeacher`].
-        labels (`torch.Tensor`, *optional*): Next-token labels, shape `[N]` (`-100` ignored). Needed when `alpha > 0`;
-            also gives the CE and accuracy statistics.
+        labels (`torch.Tensor`, *optional*): Next-token labels, shape `[N]`; rows labelled `-100` are ignored (see
+            above). Needed when `alpha > 0`; also gives the CE and accuracy statistics.
         divergence (`str`, *optional*, defaults to `"forward_kl"`): One of `DIVERGENCE_NAMES`.
         temperature (`float`, *optional*, defaults to `1.0`): Distillation temperature `T > 0`.
         alpha (`float`, *optional*, defaults to `0.0`): Weight of the hard-label CE, in `[0, 1]`.
@@ -253,14 +362,31 @@ def chunked_distillation_loss(
             two heads' row counts when they differ only by padding.
         num_items_in_batch (`int`, `float` or `torch.Tensor`, *optional*): Loss normaliser (see above).
         chunk_size (`int`, *optional*): Tokens per chunk; by default sized so a float32 logits tile is ~64 MiB.
+        label_smoothing (`float`, *optional*, defaults to `0.0`): Label-smoothing factor of the CE term, in
+            `[0, 1]` (see above). Only with `ce_loss_type="nll"`.
+        ce_loss_type (`str`, *optional*, defaults to `"nll"`): CE variant, `"nll"` or `"dft"` (see above).
 
     Returns:
         [`DistillationLossOutput`]
+
+    Raises:
+        ValueError: On a `student_hidden` that is not 2-D, `labels` not of shape `[N]`, `alpha > 0` without labels,
+            a `vocab_size` larger than either head, an unknown `ce_loss_type`, a `label_smoothing` outside `[0, 1]`,
+            or `label_smoothing > 0` with `ce_loss_type="dft"`.
     """
     if student_hidden.dim() != 2:
         raise ValueError(f"`student_hidden` must be [tokens, hidden], got shape {tuple(student_hidden.shape)}.")
     if alpha > 0.0 and labels is None:
         raise ValueError("`alpha > 0` mixes in the hard-label cross-entropy, which needs `labels`.")
+    if ce_loss_type not in CE_LOSS_TYPES:
+        raise ValueError(f"`ce_loss_type` must be one of {', '.join(map(repr, CE_LOSS_TYPES))}, got {ce_loss_type!r}.")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"`label_smoothing` must be in [0, 1], got {label_smoothing}.")
+    if label_smoothing > 0.0 and ce_loss_type == "dft":
+        raise ValueError(
+            "`label_smoothing` applies to the plain (`ce_loss_type='nll'`) cross-entropy only; TRL ignores it with "
+            "`loss_type='dft'`. Pass `label_smoothing=0.0` with `ce_loss_type='dft'`."
+        )
     shared_rows = min(student_head.vocab_rows, teacher.vocab_rows)
     if vocab_size is None:
         vocab_size = shared_rows
@@ -270,6 +396,19 @@ def chunked_distillation_loss(
             f"{teacher.vocab_rows} rows); use at most {shared_rows}."
         )
     n_tokens = student_hidden.shape[0]
+    if labels is not None:
+        if labels.shape != (n_tokens,):
+            raise ValueError(
+                f"`labels` must have shape [N] = [{n_tokens}] like `student_hidden`, got {tuple(labels.shape)}."
+            )
+        scored = labels != IGNORE_INDEX
+        n_scored = int(scored.sum())  # the one host sync; nothing else happens when every row is scored
+        if n_scored < n_tokens:
+            index = scored.nonzero().squeeze(-1)
+            student_hidden = student_hidden.index_select(0, index.to(student_hidden.device))  # autograd scatters back
+            labels = labels.index_select(0, index)
+            teacher = _select_teacher_rows(teacher, index)
+            n_tokens = n_scored
     if num_items_in_batch is None:
         normaliser = float(max(n_tokens, 1))
     else:
@@ -287,6 +426,19 @@ def chunked_distillation_loss(
         vocab_size=int(vocab_size),
         normaliser=normaliser,
         chunk_size=int(chunk_size) if chunk_size else auto_chunk_size(n_tokens, student_head.vocab_rows),
+        label_smoothing=float(label_smoothing),
+        ce_loss_type=ce_loss_type,
     )
-    loss = _ChunkedDistillationFunction.apply(student_hidden, student_head.weight, student_head.bias, job)
+    if not torch.is_grad_enabled():  # evaluation: `needs_input_grad` ignores the grad mode, so skip the function
+        loss, _ = job.run(student_hidden, (False, False, False))
+        return DistillationLossOutput(loss=loss, num_tokens=n_tokens, **job.stats)
+    with contextlib.ExitStack() as stack:
+        # The stored gradients are saved tensors of the function, which are needed as soon as backward starts (like
+        # the LM head's activations, which TRL's activation offloading exempts the same way): identity hooks on top
+        # keep any enclosing saved-tensor hooks (offloading to CPU) off them.
+        try:
+            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(_unchanged, _unchanged))
+        except RuntimeError:  # saved-tensor hooks are disabled here (e.g. under vmap): nothing to keep off
+            pass
+        loss = _ChunkedDistillationFunction.apply(student_hidden, student_head.weight, student_head.bias, job)
     return DistillationLossOutput(loss=loss, num_tokens=n_tokens, **job.stats)

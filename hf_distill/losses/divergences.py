@@ -8,11 +8,21 @@ Conventions (the same as TRL's GKD and DistillationTrainer):
 
 - `forward_kl` is KL(teacher || student), the classic Hinton distillation loss (mode-covering).
 - `reverse_kl` is KL(student || teacher) (mode-seeking, MiniLLM).
-- `generalized_jsd` with `beta` mixes `m = beta * p_teacher + (1 - beta) * p_student` and returns
-  `beta * KL(teacher || m) + (1 - beta) * KL(student || m)`; `beta = 0` is forward KL and `beta = 1` reverse KL.
+- `generalized_jsd` with `0 < beta < 1` mixes `m = beta * p_teacher + (1 - beta) * p_student` and returns
+  `beta * KL(teacher || m) + (1 - beta) * KL(student || m)`. That mixture formula is 0 at both end points, so, like
+  TRL, `beta <= 0` is special-cased to the forward KL and `beta >= 1` to the reverse KL.
 - `total_variation` is `0.5 * sum |p_teacher - p_student|`.
 - `skew_kl` is KL(teacher || skew_alpha * p_teacher + (1 - skew_alpha) * p_student) and `skew_reverse_kl` is
   KL(student || skew_alpha * p_student + (1 - skew_alpha) * p_teacher) (DistiLLM, arXiv 2402.03898).
+
+Zero probabilities (`-inf` logits, e.g. masked or banned tokens, in either model) follow `0 * log 0 = 0` and
+`0 * log(0 / q) = 0`: every divergence whose definition is finite gives that finite value and a finite gradient. The
+one case that is infinite by definition is KL(a || b) where `a` has mass on a token that `b` rules out: the forward
+KL (and `generalized_jsd` at `beta = 0`, `skew_kl` at `skew_alpha = 0`) when the *student* is `-inf` where the teacher
+has mass, the reverse KL (and `beta = 1`, `skew_reverse_kl` at `skew_alpha = 0`) when the *teacher* is `-inf` where
+the student has mass. These return `+inf`, not a clipped number, so that a masking mismatch shows. The forward KL's
+gradient stays finite there (with respect to the scaled logits it is `p_s - p_t`, the limit); the reverse KL's
+is not finite.
 """
 
 from __future__ import annotations
@@ -27,26 +37,39 @@ DIVERGENCE_NAMES = ("forward_kl", "reverse_kl", "generalized_jsd", "total_variat
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    # sum_v p (log p - log q); exp(log_p) is exactly 0 where log_p is -inf, and xlogy-style masking keeps 0 * inf at 0
+    # sum_v p (log p - log q), with the term 0 where p is 0 whatever q. The difference is zeroed *before* the product
+    # (not the product after), so that autograd never multiplies a 0 by the inf or nan of `-inf - (-inf)`. `p == 0`
+    # (not `p > 0`) keeps a nan input nan.
     p = log_p.exp()
-    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+    gap = torch.where(p == 0, 0.0, log_p - log_q)
+    return (p * gap).sum(-1)
 
 
 def _weighted_gap(q: torch.Tensor, log_q: torch.Tensor, log_r: torch.Tensor) -> torch.Tensor:
-    # sum_v q (log q - log r), with 0 where q is 0 (a teacher that rules a token out has log q = -inf there)
-    gap = q * (log_q - log_r)
-    if not torch.isfinite(log_q).all():  # only a teacher that rules tokens out needs the 0 * inf = 0 mask
-        gap = gap.masked_fill_(q == 0, 0.0)
-    return gap.sum(-1)
+    # sum_v q (log q - log r), with 0 where q is 0 (no autograd: the chunked loss's forward). One compare and one
+    # masked fill on the tile, no host sync.
+    gap = (log_q - log_r).mul_(q)
+    return gap.masked_fill_(q == 0, 0.0).sum(-1)
 
 
 def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
-    # log(weight_a * a + (1 - weight_a) * b), stable for weight_a in [0, 1]
+    # log(weight_a * a + (1 - weight_a) * b), stable for weight_a in [0, 1]; -inf where both are -inf
     if weight_a <= 0.0:
         return log_b
     if weight_a >= 1.0:
         return log_a
     return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+
+
+def _log_mix_differentiable(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
+    # `_log_mix` for autograd: `logaddexp(-inf, -inf)` is -inf, but its backward is `grad / (1 + exp(nan))`, nan even
+    # for a zero `grad`. Where both are -inf the mixture is computed from dummy zeros and replaced by -inf.
+    if weight_a <= 0.0 or weight_a >= 1.0:
+        return _log_mix(log_a, log_b, weight_a)
+    x, y = log_a + math.log(weight_a), log_b + math.log1p(-weight_a)
+    dead = torch.isneginf(x) & torch.isneginf(y)
+    mixed = torch.logaddexp(torch.where(dead, 0.0, x), torch.where(dead, 0.0, y))
+    return torch.where(dead, -math.inf, mixed)
 
 
 def forward_kl(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor) -> torch.Tensor:
@@ -85,7 +108,7 @@ def generalized_jsd(
         return forward_kl(student_log_probs, teacher_log_probs)
     if beta >= 1.0:
         return reverse_kl(student_log_probs, teacher_log_probs)
-    log_m = _log_mix(teacher_log_probs, student_log_probs, beta)
+    log_m = _log_mix_differentiable(teacher_log_probs, student_log_probs, beta)
     return beta * _kl(teacher_log_probs, log_m) + (1.0 - beta) * _kl(student_log_probs, log_m)
 
 
@@ -106,7 +129,7 @@ def skew_kl(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, sk
     Returns:
         `torch.Tensor`: Divergence per token, shape `[...]`.
     """
-    return _kl(teacher_log_probs, _log_mix(teacher_log_probs, student_log_probs, skew_alpha))
+    return _kl(teacher_log_probs, _log_mix_differentiable(teacher_log_probs, student_log_probs, skew_alpha))
 
 
 def skew_reverse_kl(
@@ -116,7 +139,7 @@ def skew_reverse_kl(
 
     Arguments as in [`skew_kl`]; `skew_alpha = 0` gives the reverse KL.
     """
-    return _kl(student_log_probs, _log_mix(student_log_probs, teacher_log_probs, skew_alpha))
+    return _kl(student_log_probs, _log_mix_differentiable(student_log_probs, teacher_log_probs, skew_alpha))
 
 
 def get_divergence(name: str, beta: float = 0.5, skew_alpha: float = 0.1) -> Callable[..., torch.Tensor]:
@@ -160,6 +183,9 @@ def divergence_and_grad(
     few fused passes over each `[n, V]` tile instead of a stored autograd graph; the tests pin both against autograd
     on the plain definitions above.
 
+    Zero probabilities (`-inf` log-probabilities in either input) give the finite value and a finite `G` of the
+    definition with `0 * log 0 = 0`, wherever that is finite (see the module docstring for the `+inf` cases).
+
     Args:
         name (`str`): One of [`DIVERGENCE_NAMES`].
         student_log_probs (`torch.Tensor`): `log p_s`, shape `[n, V]`.
@@ -172,23 +198,28 @@ def divergence_and_grad(
         `tuple[torch.Tensor, torch.Tensor]`: Values `[n]` and `G` `[n, V]`.
     """
     s, t, p = student_log_probs, teacher_log_probs, student_probs
-    if name == "generalized_jsd" and beta <= 0.0:
+    # The end points are the plain KLs (the mixture formulas would give 0 or the same KL with dead weight).
+    if name == "generalized_jsd" and beta <= 0.0 or name == "skew_kl" and skew_alpha <= 0.0:
         name = "forward_kl"
-    elif name == "generalized_jsd" and beta >= 1.0:
+    elif name == "generalized_jsd" and beta >= 1.0 or name == "skew_reverse_kl" and skew_alpha <= 0.0:
         name = "reverse_kl"
+    # Zero probabilities (-inf log-probabilities): every term weighted by a probability that is exactly 0 is set to 0
+    # (`0 * log 0 = 0`) with an in-place masked fill on `p == 0` / `q == 0`, which keeps a nan input nan and costs no
+    # host sync. Terms weighted by a positive probability are left alone, so a divergence that is infinite by
+    # definition stays +inf.
     if name == "forward_kl":
         q = t.exp()
-        value = _weighted_gap(q, t, s)
+        value = _weighted_gap(q, t, s)  # +inf where the student is -inf under teacher mass; G stays finite
         return value, q.neg_()
     if name == "reverse_kl":
-        d = s - t
+        d = (s - t).masked_fill_(p == 0, 0.0)
         value = (p * d).sum(-1)
         return value, d.add_(1.0).mul_(p)
     if name == "generalized_jsd":
         q = t.exp()
-        log_m = _log_mix(t, s, beta)
+        log_m = _log_mix(t, s, beta)  # finite wherever p or q is positive
         value = beta * _weighted_gap(q, t, log_m)
-        g = (s - log_m).mul_(p)
+        g = (s - log_m).masked_fill_(p == 0, 0.0).mul_(p)
         value += (1.0 - beta) * g.sum(-1)
         return value, g.mul_(1.0 - beta)
     if name == "total_variation":
@@ -199,12 +230,14 @@ def divergence_and_grad(
         q = t.exp()
         log_m = _log_mix(t, s, skew_alpha)
         value = _weighted_gap(q, t, log_m)
-        return value, (t + s).sub_(log_m).exp_().mul_(-(1.0 - skew_alpha))
+        # G = -(1 - a) q p / m; where q is 0 the exponent is -inf (or nan: both -inf), and G is 0
+        ratio = (t + s).sub_(log_m).masked_fill_(q == 0, -math.inf)
+        return value, ratio.exp_().mul_(-(1.0 - skew_alpha))
     if name == "skew_reverse_kl":
-        log_m = _log_mix(s, t, skew_alpha)
-        d = s - log_m
+        log_m = _log_mix(s, t, skew_alpha)  # >= s + log(skew_alpha): finite wherever p is positive
+        d = (s - log_m).masked_fill_(p == 0, 0.0)
         value = (p * d).sum(-1)
-        ratio = (s - log_m).exp_().mul_(skew_alpha)
+        ratio = d.exp().mul_(skew_alpha)  # a p / m
         return value, d.add_(1.0).sub_(ratio).mul_(p)
     raise ValueError(f"Unknown divergence {name!r}. Choose one of {', '.join(DIVERGENCE_NAMES)}.")
 
