@@ -11,6 +11,38 @@ from trl import SFTConfig
 from .losses.divergences import DIVERGENCE_NAMES
 
 
+def check_device_exists(device: str, name: str) -> None:
+    """Raise a clear error when `device` is not a device string torch knows, or names a device this machine lacks.
+
+    Raises:
+        ValueError: If the device cannot be parsed or is not available here.
+    """
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(
+            f"`{name}={device!r}` is not a device torch knows ({error}). Use e.g. 'cpu', 'cuda', 'cuda:1', 'mps' or "
+            "'xpu:0'."
+        ) from None
+    if parsed.type == "cpu":
+        return
+    backend = getattr(torch, parsed.type, None)
+    available = bool(backend is not None and hasattr(backend, "is_available") and backend.is_available())
+    if not available:
+        raise ValueError(
+            f"`{name}={device!r}` asks for a {parsed.type} device, but none is available on this machine. Use 'cpu' "
+            "or leave it unset to share the student's device."
+        )
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if parsed.index is not None and parsed.index >= count:
+        raise ValueError(
+            f"`{name}={device!r}` names {parsed.type} device {parsed.index}, but this machine has {count} "
+            f"({', '.join(f'{parsed.type}:{i}' for i in range(count))})."
+        )
+
+
 def _accelerator_supports_bf16() -> bool:
     from transformers.utils import is_torch_bf16_gpu_available
 
@@ -35,10 +67,13 @@ class DistillationConfig(SFTConfig):
             not given a `teacher_model`.
         teacher_model_init_kwargs (`dict[str, Any]` or `str`, *optional*):
             Keyword arguments for the teacher's `from_pretrained` (e.g. `{"dtype": "bfloat16"}`; a JSON string on the
-            command line). `dtype` accepts `"bfloat16"`, `"float16"`, `"float32"` or `"auto"`.
+            command line). `dtype` accepts `"bfloat16"`, `"float16"`, `"float32"` or `"auto"`. A teacher given by
+            name or path follows the student's `dtype`, `attn_implementation`, `revision` and `trust_remote_code`
+            (from `model_init_kwargs`, or from the loaded student); values set here win.
         teacher_device (`str`, *optional*):
             Device the teacher runs on (e.g. `"cuda:1"` or `"cpu"`). By default it shares the student's device. Its
-            hidden states are moved to the student's device for the loss.
+            hidden states are moved to the student's device for the loss. A device this machine does not have is
+            refused when the config is built.
         divergence (`str`, *optional*, defaults to `"forward_kl"`):
             Distillation divergence: `"forward_kl"` (KL(teacher || student)), `"reverse_kl"`, `"generalized_jsd"`
             (uses `beta`), `"total_variation"`, `"skew_kl"` or `"skew_reverse_kl"` (use `skew_alpha`).
@@ -61,6 +96,9 @@ class DistillationConfig(SFTConfig):
             64 MiB. Smaller chunks lower peak memory; larger ones can be a little faster.
         disable_dropout (`bool`, *optional*, defaults to `True`):
             Whether to disable dropout in the student (the teacher always runs in eval mode).
+
+    SFT's cross-entropy options act on the hard-label term: `label_smoothing_factor` and `loss_type="dft"` change the
+    `alpha`-weighted cross-entropy exactly as they change `SFTTrainer`'s loss (and need `alpha > 0`).
 
     Unlike `SFTConfig`, an unset `bf16` stays off on machines without a bf16-capable accelerator (TRL turns it on
     and then refuses to run on a CPU-only machine unless `use_cpu=True`).
@@ -154,4 +192,17 @@ class DistillationConfig(SFTConfig):
         if self.teacher_model_init_kwargs is not None and not isinstance(self.teacher_model_init_kwargs, dict):
             raise ValueError(
                 f"`teacher_model_init_kwargs` must be a dict, got {type(self.teacher_model_init_kwargs).__name__}."
+            )
+        if self.teacher_device is not None:
+            check_device_exists(self.teacher_device, "teacher_device")
+        if self.alpha == 0.0 and self.label_smoothing_factor > 0:
+            raise ValueError(
+                f"`label_smoothing_factor={self.label_smoothing_factor}` smooths the hard-label cross-entropy, which "
+                "`alpha=0.0` turns off (the loss is pure distillation: the teacher's distribution is already soft). "
+                "Set `alpha > 0` to mix in a smoothed cross-entropy, or drop `label_smoothing_factor`."
+            )
+        if self.alpha == 0.0 and self.loss_type == "dft":
+            raise ValueError(
+                "`loss_type='dft'` reweights the hard-label cross-entropy, which `alpha=0.0` turns off (the loss is "
+                "pure distillation). Set `alpha > 0` to mix in a DFT cross-entropy, or use `loss_type='nll'`."
             )

@@ -1,8 +1,8 @@
 """`DistillationTrainer`: TRL's `SFTTrainer` with a teacher, for logit distillation.
 
-One training step: batch -> student backbone (last hidden states) -> teacher backbone (no grad) -> chunked loss
-over the labelled tokens (`alpha * CE + (1 - alpha) * T^2 * divergence`, both LM heads applied a chunk at a time)
--> backward.
+One training step: batch -> student forward (last hidden states; autocast, PEFT, images and the MoE aux loss as in the
+model's own forward) -> teacher forward (no grad) -> chunked loss over the labelled tokens
+(`alpha * CE + (1 - alpha) * T^2 * divergence`, both LM heads applied a chunk at a time) -> backward.
 Everything else (dataset formats, packing, masks, PEFT, gradient checkpointing, mixed precision, logging, saving) is
 SFTTrainer's.
 """
@@ -16,74 +16,29 @@ from typing import Any
 import torch
 from datasets import Dataset, IterableDataset
 from torch import nn
-from transformers import PreTrainedModel, TrainingArguments
+from transformers import EvalPrediction, PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, TrainingArguments
 from trl import SFTTrainer
-from trl.data_utils import get_dataset_column_names
 from trl.models.utils import _ForwardRedirection
 from trl.trainer.utils import disable_dropout_in_model
 
 from .config import DistillationConfig
+from .dataset_checks import check_dataset_columns
 from .losses import DistillationLossOutput, HiddenStateTeacher, LMHead, chunked_distillation_loss
+from .model_card import build_model_card
+from .model_forward import forward_hidden_states, unwrap_peft
 from .teachers.live import (
+    check_modalities,
     freeze,
-    last_hidden_state,
     load_teacher,
-    resolve_distill_vocab_size,
+    separate_from_student,
+    teacher_init_kwargs,
     try_load_tokenizer,
-    unwrap_peft,
 )
+from .teachers.vocab import resolve_distill_vocab_size
 
-_METRIC_NAMES = ("distill_loss", "ce_loss", "teacher_agreement", "mean_token_accuracy")
+__all__ = ["DistillationTrainer", "check_dataset_columns"]
 
-
-def check_dataset_columns(dataset: Any, args: DistillationConfig, has_formatting_func: bool, name: str) -> None:
-    """Fail early, with the fix, when a dataset has none of the columns SFT-style distillation can train on.
-
-    Raises:
-        ValueError: If no accepted format (language modeling, prompt-completion, conversational, pre-tokenized) is
-            recognised.
-    """
-    if dataset is None:
-        return
-    if isinstance(dataset, dict):
-        for key, value in dataset.items():
-            check_dataset_columns(value, args, has_formatting_func, f"{name}[{key!r}]")
-        return
-    if not isinstance(dataset, Dataset | IterableDataset):
-        return  # SFTTrainer reports unsupported types itself
-    columns = set(get_dataset_column_names(dataset) or [])
-    if not columns and isinstance(dataset, IterableDataset):
-        return  # streaming dataset with unknown features: SFTTrainer inspects the first example
-    skip_prepare = bool((args.dataset_kwargs or {}).get("skip_prepare_dataset", False))
-    if skip_prepare:
-        if "input_ids" not in columns:
-            raise ValueError(
-                f"The {name} dataset has columns {sorted(columns)} but `skip_prepare_dataset=True` needs tokenized "
-                "examples with an 'input_ids' column (and 'labels' to mask tokens). Tokenize it first, or drop "
-                "`skip_prepare_dataset`."
-            )
-        return
-    accepted = (
-        "input_ids" in columns
-        or args.dataset_text_field in columns
-        or {"prompt", "completion"} <= columns
-        or "messages" in columns
-        or "conversations" in columns
-        or has_formatting_func
-    )
-    if accepted:
-        return
-    if "prompt" in columns:
-        raise ValueError(
-            f"The {name} dataset has a 'prompt' column but no 'completion': prompt-only data needs on-policy "
-            "generation, which this trainer does not do yet. Add a 'completion' column (prompt-completion format)."
-        )
-    raise ValueError(
-        f"The {name} dataset has columns {sorted(columns)}, none of which DistillationTrainer can train on. Provide "
-        f"one of: a '{args.dataset_text_field}' column (language modeling; set `dataset_text_field` to use another "
-        "column), 'prompt' + 'completion' columns, a 'messages' column (conversational), a tokenized 'input_ids' "
-        "column, or a `formatting_func`."
-    )
+_METRIC_NAMES = ("distill_loss", "ce_loss", "teacher_agreement", "mean_token_accuracy", "entropy")
 
 
 class DistillationTrainer(SFTTrainer):
@@ -99,16 +54,22 @@ class DistillationTrainer(SFTTrainer):
 
     Args:
         model (`str` or [`~transformers.PreTrainedModel`] or `peft.PeftModel`):
-            The student, as in `SFTTrainer`.
+            The student, as in `SFTTrainer`: a loaded model (dense, MoE, vision-language, PEFT-wrapped) or a name/path
+            loaded with `args.model_init_kwargs`.
         teacher_model (`str` or [`~transformers.PreTrainedModel`], *optional*):
-            The teacher, loaded or as a name/path. Defaults to `args.teacher_model_name_or_path`.
+            The teacher, loaded or as a name/path. Defaults to `args.teacher_model_name_or_path`. A teacher given by
+            name/path follows the student's `dtype`, `attn_implementation`, `revision` and `trust_remote_code` unless
+            `args.teacher_model_init_kwargs` sets them. The student itself (self-distillation) is copied.
         args ([`DistillationConfig`], *optional*):
-            Configuration; a plain `SFTConfig`/`TrainingArguments` is converted.
-        teacher_processing_class (`PreTrainedTokenizerBase`, *optional*):
-            The teacher's tokenizer, to check it matches the student's. Loaded from the teacher's path when possible.
-        **kwargs:
-            Every other `SFTTrainer` argument (`train_dataset`, `eval_dataset`, `processing_class`, `peft_config`,
-            `data_collator`, `callbacks`, `formatting_func`, ...).
+            Configuration; a plain `SFTConfig`/`TrainingArguments` is converted with every field kept.
+        data_collator, train_dataset, eval_dataset, processing_class, compute_metrics, callbacks, optimizers,
+        optimizer_cls_and_kwargs, preprocess_logits_for_metrics, quantization_config, peft_config, formatting_func:
+            As in `SFTTrainer`.
+        compute_loss_func (`Callable`, *optional*):
+            Not supported (the loss is the distillation loss): passing one raises a `ValueError`.
+        teacher_processing_class (`PreTrainedTokenizerBase` or `ProcessorMixin`, *optional*):
+            The teacher's tokenizer or processor, to check that it matches the student's. Found from the teacher's
+            name/path when possible; without it a warning says the vocabularies could not be checked.
     """
 
     _tag_names = ["trl", "sft", "distillation", "hf_distill"]
@@ -119,13 +80,28 @@ class DistillationTrainer(SFTTrainer):
         model: str | PreTrainedModel | nn.Module,
         teacher_model: str | PreTrainedModel | nn.Module | None = None,
         args: DistillationConfig | TrainingArguments | None = None,
+        data_collator: Callable | None = None,
         train_dataset: Dataset | IterableDataset | None = None,
-        eval_dataset: Dataset | IterableDataset | dict[str, Dataset] | None = None,
-        teacher_processing_class: Any = None,
+        eval_dataset: Dataset | IterableDataset | dict[str, Dataset | IterableDataset] | None = None,
+        processing_class: PreTrainedTokenizerBase | Any | None = None,
+        compute_loss_func: Callable | None = None,
+        compute_metrics: Callable[[EvalPrediction], dict] | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
+        optimizer_cls_and_kwargs: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None,
+        preprocess_logits_for_metrics: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        quantization_config: Any = None,
+        peft_config: Any = None,
         formatting_func: Callable[[dict], str] | None = None,
-        **kwargs: Any,
+        teacher_processing_class: PreTrainedTokenizerBase | Any | None = None,
     ):
         args = self._coerce_args(args, model)
+        if compute_loss_func is not None:
+            raise ValueError(
+                "`compute_loss_func` is not supported by DistillationTrainer: its loss is the distillation loss "
+                "(`alpha * CE + (1 - alpha) * T^2 * divergence`). Choose the divergence and CE options in "
+                "DistillationConfig, or subclass DistillationTrainer and override `compute_loss`."
+            )
         teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
         if teacher_model is None:
             raise ValueError(
@@ -136,29 +112,45 @@ class DistillationTrainer(SFTTrainer):
         check_dataset_columns(train_dataset, args, has_formatting_func, "train")
         check_dataset_columns(eval_dataset, args, has_formatting_func, "eval")
 
-        teacher_source = teacher_model if isinstance(teacher_model, str) else None
         if isinstance(teacher_model, str):
-            teacher_model = load_teacher(teacher_model, args.teacher_model_init_kwargs)
+            self._teacher_name_or_path = teacher_model
+            teacher_model = load_teacher(teacher_model, teacher_init_kwargs(model, args))
         elif args.teacher_model_init_kwargs:
             raise ValueError(
                 "`teacher_model_init_kwargs` only applies when the teacher is given by name or path, but "
                 "`teacher_model` is already a loaded model. Load it with those arguments yourself, or pass its path."
             )
+        else:
+            self._teacher_name_or_path = getattr(getattr(teacher_model, "config", None), "_name_or_path", None)
+        teacher_model = separate_from_student(teacher_model, model)
+        if isinstance(model, nn.Module):
+            check_modalities(model, teacher_model)  # before anything is moved or trained
 
         super().__init__(
-            model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, formatting_func=formatting_func,
-            **kwargs,
-        )  # fmt: skip
+            model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+            formatting_func=formatting_func,
+        )
+        check_modalities(self.model, teacher_model)
 
         if args.disable_dropout:
             disable_dropout_in_model(self.model)
         self._forward_redirection = _ForwardRedirection()
 
         if teacher_processing_class is None:
-            # The teacher's own repository/directory; for a loaded teacher only a local directory (no download)
-            source = teacher_source or getattr(getattr(teacher_model, "config", None), "_name_or_path", None)
-            if source and (teacher_source or os.path.isdir(source)):
-                teacher_processing_class = try_load_tokenizer(source)
+            revision = (args.teacher_model_init_kwargs or {}).get("revision")
+            teacher_processing_class = try_load_tokenizer(self._teacher_name_or_path, revision)
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         teacher_tokenizer = getattr(teacher_processing_class, "tokenizer", teacher_processing_class)
         student_head = LMHead.from_model(unwrap_peft(self.model))
@@ -169,6 +161,7 @@ class DistillationTrainer(SFTTrainer):
             tokenizer=tokenizer,
             teacher_tokenizer=teacher_tokenizer,
             requested=args.distill_vocab_size,
+            teacher_config=getattr(teacher_model, "config", None),
         )
         self.teacher_model = self._place_teacher(freeze(teacher_model))
 
@@ -181,7 +174,10 @@ class DistillationTrainer(SFTTrainer):
             return args
         if isinstance(args, TrainingArguments):
             values = args.to_dict()
-            values["hub_token"] = args.hub_token
+            # `to_dict` masks every `*_token` field (hub_token, but also SFTConfig's eos_token / pad_token)
+            for name in values:
+                if name.endswith("_token"):
+                    values[name] = getattr(args, name)
             return DistillationConfig(**values)
         raise TypeError(f"`args` must be a DistillationConfig, got {type(args).__name__}.")
 
@@ -203,18 +199,29 @@ class DistillationTrainer(SFTTrainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
-        """Distillation loss of one micro-batch, normalised by `num_items_in_batch` when given."""
+        """Distillation loss of one micro-batch, normalised by `num_items_in_batch` when given.
+
+        MoE students add `router_aux_loss_coef * aux_loss` exactly as `SFTTrainer` does (averaged over the
+        accumulation steps), and log `aux_loss`.
+        """
         mode = "train" if model.training else "eval"
         unwrapped = self.accelerator.unwrap_model(model)
         # Run the whole loss inside the wrapper's forward (DDP/FSDP see every parameter it uses, `lm_head` included)
-        result: DistillationLossOutput = self._forward_redirection(
+        result, aux_loss = self._forward_redirection(
             model, unwrapped, self._distillation_loss, unwrapped, inputs, num_items_in_batch
         )
         loss = result.loss
         # Like SFTTrainer: `num_items_in_batch` counts the tokens of every rank, and DDP averages the gradients
         if self.args.average_tokens_across_devices and num_items_in_batch is not None and model.training:
             loss = loss * self.accelerator.num_processes
-        self._record_metrics(mode, result, inputs)
+        if aux_loss is not None:
+            # Like SFTTrainer: a per-micro-batch mean, averaged over the accumulation steps when `Trainer` leaves
+            # gradient accumulation to the loss
+            steps = self._accumulation_steps() if num_items_in_batch is not None else 1
+            loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device) / steps
+            gathered = self.accelerator.gather_for_metrics(aux_loss.detach().reshape(1))
+            self._metrics[mode]["aux_loss"].append(gathered.mean().item())
+        self._record_metrics(mode, result, inputs, num_items_in_batch)
         if return_outputs:
             with torch.no_grad():
                 outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
@@ -223,55 +230,93 @@ class DistillationTrainer(SFTTrainer):
 
     def _distillation_loss(
         self, student: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | int | None
-    ) -> DistillationLossOutput:
+    ) -> tuple[DistillationLossOutput, torch.Tensor | None]:
         labels = inputs["labels"]
         model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels", "seq_lengths")}
-        student_hidden = last_hidden_state(student, model_inputs)
-        with torch.no_grad():
-            teacher = self.accelerator.unwrap_model(self.teacher_model)
-            teacher_hidden = last_hidden_state(teacher, model_inputs)
-        if "shift_labels" in inputs:  # pre-shifted (context/sequence parallelism)
-            targets = inputs["shift_labels"]
-        else:
-            student_hidden, teacher_hidden, targets = student_hidden[:, :-1], teacher_hidden[:, :-1], labels[:, 1:]
-        mask = targets != -100
-        student_head = LMHead.from_model(unwrap_peft(student))
-        device = student_head.weight.device
-        mask = mask.to(student_hidden.device)
-        return chunked_distillation_loss(
-            student_hidden[mask].to(device),
-            student_head,
-            HiddenStateTeacher(teacher_hidden[mask.to(teacher_hidden.device)], LMHead.from_model(teacher), device),
-            targets.to(student_hidden.device)[mask].to(device),
-            divergence=self.args.divergence,
-            temperature=self.args.temperature,
-            alpha=self.args.alpha,
-            beta=self.args.beta,
-            skew_alpha=self.args.skew_alpha,
-            vocab_size=self.distill_vocab_size,
-            num_items_in_batch=num_items_in_batch,
-            chunk_size=self.args.loss_chunk_size,
-        )
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        # The same autocast accelerate wraps the prepared model's forward in: the forward redirection above replaced
+        # that forward, and a teacher on its own device was never prepared
+        with self.accelerator.autocast():
+            router_logits = True if self.aux_loss_enabled else None  # like SFTTrainer
+            student_out = forward_hidden_states(student, model_inputs, output_router_logits=router_logits)
+            with torch.no_grad():
+                teacher_hidden = forward_hidden_states(teacher, model_inputs).hidden
+            student_hidden = student_out.hidden
+            if "shift_labels" in inputs:  # pre-shifted (context/sequence parallelism)
+                targets = inputs["shift_labels"]
+            else:
+                student_hidden, teacher_hidden, targets = student_hidden[:, :-1], teacher_hidden[:, :-1], labels[:, 1:]
+            mask = targets != -100
+            student_head = LMHead.from_model(unwrap_peft(student))
+            device = student_head.weight.device
+            mask = mask.to(student_hidden.device)
+            args = self.args
+            result = chunked_distillation_loss(
+                student_hidden[mask].to(device),
+                student_head,
+                HiddenStateTeacher(teacher_hidden[mask.to(teacher_hidden.device)], LMHead.from_model(teacher), device),
+                targets.to(student_hidden.device)[mask].to(device),
+                divergence=args.divergence,
+                temperature=args.temperature,
+                alpha=args.alpha,
+                beta=args.beta,
+                skew_alpha=args.skew_alpha,
+                vocab_size=self.distill_vocab_size,
+                num_items_in_batch=num_items_in_batch,
+                chunk_size=args.loss_chunk_size,
+                label_smoothing=args.label_smoothing_factor if args.loss_type == "nll" else 0.0,
+                ce_loss_type=args.loss_type,
+            )
+        return result, (student_out.aux_loss if self.aux_loss_enabled else None)
 
-    def _record_metrics(self, mode: str, result: DistillationLossOutput, inputs: dict[str, torch.Tensor]) -> None:
+    def _accumulation_steps(self) -> int:
+        # Set by `Trainer`'s training loop (smaller for the last step of an epoch); absent outside of `train()`
+        return getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+
+    # Metrics -------------------------------------------------------------------------------------------------------
+
+    def _record_metrics(
+        self,
+        mode: str,
+        result: DistillationLossOutput,
+        inputs: dict[str, torch.Tensor],
+        num_items_in_batch: torch.Tensor | int | None,
+    ) -> None:
+        """Log per-token means, like `loss`: in training, sums over the micro-batches of one optimizer step divided by
+        the step's token count (`num_items_in_batch`); in evaluation, per batch."""
         device = result.loss.device
+        zero = torch.zeros((), device=device)
+
+        def value(tensor: torch.Tensor | None) -> torch.Tensor:
+            return (zero if tensor is None else tensor).to(device, torch.float32)
+
+        per_step = mode == "train" and num_items_in_batch is not None
+        if per_step:
+            # Each rank's share of the step's tokens: `num_items_in_batch` is global when averaged across devices
+            share = float(num_items_in_batch)
+            if self.args.average_tokens_across_devices:
+                share /= self.accelerator.num_processes
+            count = torch.tensor(share, device=device)
+        else:
+            count = torch.tensor(float(result.num_tokens), device=device)
         local = torch.stack(
             [
-                result.distill_sum.to(device, torch.float32),
-                (result.ce_sum if result.ce_sum is not None else torch.zeros((), device=device)).to(torch.float32),
-                result.agree_count.to(device, torch.float32),
-                (result.correct_count if result.correct_count is not None else torch.zeros((), device=device)).to(
-                    device, torch.float32
-                ),
-                torch.tensor(float(result.num_tokens), device=device),
+                value(result.distill_sum),
+                value(result.ce_sum),
+                value(result.agree_count),
+                value(result.correct_count),
+                value(getattr(result, "entropy_sum", None)),
+                count,
             ]
         )
         # `gather`, not `gather_for_metrics`: the latter trims the last evaluation batch by sample count
         totals = self.accelerator.gather(local.unsqueeze(0)).sum(0)
-        n = totals[4].item()
+        n = totals[-1].item()
         if n > 0:
-            for name, value in zip(_METRIC_NAMES, totals[:4].tolist()):
-                self._metrics[mode][name].append(value / n)
+            # Mean over micro-batches of (sum / step tokens * steps) = per-token mean of each step, averaged over steps
+            scale = self._accumulation_steps() if per_step else 1
+            for name, total in zip(_METRIC_NAMES, totals[:-1].tolist()):
+                self._metrics[mode][name].append(total / n * scale)
         if mode == "train":
             if "attention_mask" in inputs:
                 seen = inputs["attention_mask"].sum()
@@ -279,3 +324,32 @@ class DistillationTrainer(SFTTrainer):
                 seen = torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)
             self._total_train_tokens += int(self.accelerator.gather(seen.reshape(1)).sum().item())
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+    # Saving --------------------------------------------------------------------------------------------------------
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+    ) -> None:
+        """Write `README.md` in `output_dir`: the teacher, the student's origin and the distillation settings.
+
+        Args:
+            model_name (`str`, *optional*): Name of the model (default: the output folder's name).
+            dataset_name (`str`, *optional*): Name of the training dataset.
+            tags (`str` or `list[str]`, *optional*): Extra tags.
+        """
+        if not self.is_world_process_zero():
+            return
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        card = build_model_card(
+            model_name=model_name or os.path.basename(os.path.normpath(self.args.output_dir)),
+            student_name_or_path=getattr(unwrap_peft(self.model).config, "_name_or_path", None),
+            teacher_name_or_path=self._teacher_name_or_path,
+            args=self.args,
+            distill_vocab_size=self.distill_vocab_size,
+            dataset_name=dataset_name,
+            tags=[*self._tag_names, *tags],
+        )
+        card.save(os.path.join(self.args.output_dir, "README.md"))

@@ -1,12 +1,15 @@
-"""A live teacher: a causal LM in this process, frozen, on any device and dtype.
+"""A live teacher: a model in this process, frozen, on any device and dtype.
 
-This module loads the teacher, checks that it speaks the student's vocabulary, and runs the backbone of either model
-to get last hidden states (the LM head is applied later, a chunk of tokens at a time, by the loss).
+This module loads the teacher (following the student's loading options unless told otherwise), keeps it apart from the
+student, finds its tokenizer when it can, and freezes it. Vocabulary checks live in `vocab.py`; the forward that gives
+the hidden states in `hf_distill.model_forward`.
 """
 
 from __future__ import annotations
 
+import copy
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -14,13 +17,28 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel
 from transformers.utils import logging
 
+from ..model_forward import backbone, unwrap_peft
+from .vocab import CROSS_TOKENIZER_HINT, VocabularyWarning, resolve_distill_vocab_size
+
+__all__ = [
+    "CROSS_TOKENIZER_HINT",
+    "VocabularyWarning",
+    "backbone",
+    "check_modalities",
+    "freeze",
+    "load_teacher",
+    "resolve_distill_vocab_size",
+    "separate_from_student",
+    "teacher_init_kwargs",
+    "try_load_tokenizer",
+    "unwrap_peft",
+]
+
 logger = logging.get_logger(__name__)
 
-CROSS_TOKENIZER_HINT = (
-    "Logit distillation compares the two next-token distributions token by token, so the teacher and the student must "
-    "share one tokenizer. Pick a teacher from the student's model family, or use a cross-tokenizer method such as "
-    "ULD (TRL's `trl.experimental.gold.GOLDTrainer`)."
-)
+INHERITED_INIT_KWARGS = ("dtype", "attn_implementation", "revision", "trust_remote_code")
+"""`from_pretrained` options a teacher given by name/path takes from the student unless `teacher_model_init_kwargs`
+sets them."""
 
 
 def _resolve_dtype(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -38,8 +56,37 @@ def _resolve_dtype(kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+def teacher_init_kwargs(student: Any, args: Any) -> dict[str, Any]:
+    """`from_pretrained` keyword arguments for a teacher given by name or path.
+
+    The teacher follows the student's loading options (`dtype`, `attn_implementation`, `revision`,
+    `trust_remote_code`): from `args.model_init_kwargs` when the student is loaded by name, from the loaded student
+    itself otherwise (its dtype and attention implementation). Values in `args.teacher_model_init_kwargs` win.
+
+    Args:
+        student (`str` or `nn.Module`): The student, as given to the trainer.
+        args ([`DistillationConfig`]): The training configuration.
+    """
+    inherited: dict[str, Any] = {}
+    if isinstance(student, str):
+        student_kwargs = dict(args.model_init_kwargs or {})
+        inherited = {k: student_kwargs[k] for k in INHERITED_INIT_KWARGS if k in student_kwargs}
+    else:
+        model = unwrap_peft(student)
+        dtype = getattr(model, "dtype", None)
+        if isinstance(dtype, torch.dtype):
+            inherited["dtype"] = dtype
+        attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        if attn:
+            inherited["attn_implementation"] = attn
+    if getattr(args, "trust_remote_code", False):
+        inherited.setdefault("trust_remote_code", True)
+    return {**inherited, **(args.teacher_model_init_kwargs or {})}
+
+
 def load_teacher(name_or_path: str, init_kwargs: dict[str, Any] | None = None) -> PreTrainedModel:
-    """Load a teacher with `AutoModelForCausalLM.from_pretrained`, with a clear error when it cannot be found.
+    """Load a teacher with `AutoModelForCausalLM.from_pretrained` (or the image-text class for a vision-language
+    model), with a clear error when it cannot be found.
 
     Args:
         name_or_path (`str`): Hub model id or local directory.
@@ -48,22 +95,36 @@ def load_teacher(name_or_path: str, init_kwargs: dict[str, Any] | None = None) -
     Raises:
         ValueError: If nothing loadable is found at `name_or_path`.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     kwargs = _resolve_dtype(init_kwargs or {})
+    local = os.path.expanduser(name_or_path)
     # A Hub id is "name" or "org/name"; anything else with path separators is meant as a local directory
     looks_local = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path
-    if looks_local and not os.path.isdir(os.path.expanduser(name_or_path)):
+    if looks_local and not os.path.isdir(local):
         raise ValueError(
             f"Teacher model path {name_or_path!r} does not exist. Pass `teacher_model` (or "
             "`teacher_model_name_or_path`) as a directory written by `save_pretrained`, a Hub model id, or an "
             "already-loaded model."
         )
     try:
-        return AutoModelForCausalLM.from_pretrained(os.path.expanduser(name_or_path), **kwargs)
+        config_kwargs = {k: kwargs[k] for k in ("revision", "trust_remote_code") if k in kwargs}
+        config = AutoConfig.from_pretrained(local, **config_kwargs)
+        auto_class = AutoModelForCausalLM
+        if hasattr(config, "vision_config") and type(config) not in AutoModelForCausalLM._model_mapping:
+            auto_class = AutoModelForImageTextToText
+        return auto_class.from_pretrained(local, **kwargs)
     except (OSError, ValueError) as error:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         hint = " The Hugging Face Hub is offline (HF_HUB_OFFLINE is set)." if offline else ""
+        if not os.path.isdir(local):
+            hint += f" No local folder {name_or_path!r} exists either (looked in {os.getcwd()})."
+        inherited = [k for k in ("revision", "trust_remote_code") if k in kwargs]
+        if inherited:
+            hint += (
+                f" The teacher was loaded with {', '.join(f'{k}={kwargs[k]!r}' for k in inherited)}, taken from the "
+                "student's options unless `teacher_model_init_kwargs` sets them."
+            )
         raise ValueError(
             f"Could not load the teacher model {name_or_path!r}: {str(error).rstrip('.')}.{hint} Pass a local "
             "directory written by `save_pretrained` (with config.json and weights), a reachable Hub model id, or a "
@@ -71,74 +132,62 @@ def load_teacher(name_or_path: str, init_kwargs: dict[str, Any] | None = None) -
         ) from error
 
 
-def try_load_tokenizer(source: str | None):
-    """Best-effort tokenizer for a teacher given by name/path; `None` when none can be found locally."""
+def try_load_tokenizer(source: str | None, revision: str | None = None):
+    """Best-effort tokenizer for a teacher given by name/path: a local folder, the local Hub cache, or the Hub when
+    online; `None` when none can be found."""
     if not source:
         return None
+    kwargs = {"revision": revision} if revision else {}
     try:
-        return AutoTokenizer.from_pretrained(os.path.expanduser(source))
+        return AutoTokenizer.from_pretrained(os.path.expanduser(source), **kwargs)
     except Exception:  # noqa: BLE001 - any failure simply means "no tokenizer to compare against"
         return None
 
 
-def _first_vocab_difference(student_vocab: dict[str, int], teacher_vocab: dict[str, int]) -> str:
-    inverse = {i: t for t, i in teacher_vocab.items()}
-    for token, index in sorted(student_vocab.items(), key=lambda item: item[1]):
-        if inverse.get(index) != token:
-            return f"id {index} is {token!r} for the student but {inverse.get(index)!r} for the teacher"
-    return f"the student has {len(student_vocab)} tokens and the teacher {len(teacher_vocab)}"
+def _shares_parameters(a: nn.Module, b: nn.Module) -> bool:
+    pointers = {p.data_ptr() for p in a.parameters()}
+    return any(p.data_ptr() in pointers for p in b.parameters())
 
 
-def resolve_distill_vocab_size(
-    student_rows: int,
-    teacher_rows: int,
-    tokenizer=None,
-    teacher_tokenizer=None,
-    requested: int | None = None,
-) -> int:
-    """Number of leading vocabulary columns to compare between student and teacher logits.
+def separate_from_student(teacher: nn.Module, student: Any) -> nn.Module:
+    """The teacher, copied when it is the student itself or shares weights with it (self-distillation).
 
-    Rules: explicit `requested` wins (it must fit both heads); equal row counts compare all rows; different row counts
-    (padded embedding matrices of one tokenizer, e.g. 151936 vs 152064) compare the first `len(tokenizer)` rows. When a
-    teacher tokenizer is known, it must map every token to the same id as the student's.
+    Freezing a teacher that shares the student's weights would freeze the student (0 trainable parameters, loss 0):
+    the copy is a frozen snapshot of the student as it is now.
+    """
+    if isinstance(student, nn.Module) and (teacher is student or _shares_parameters(teacher, student)):
+        warnings.warn(
+            "The teacher is the student itself (or shares its weights). Using a frozen copy of the student as it is "
+            "now as the teacher (self-distillation), which costs the memory of a second model. Pass a separate "
+            "teacher model to avoid the copy.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return copy.deepcopy(teacher)
+    return teacher
+
+
+def _is_vision_language(model: nn.Module) -> bool:
+    config = getattr(unwrap_peft(model), "config", None)
+    return getattr(config, "vision_config", None) is not None
+
+
+def check_modalities(student: nn.Module, teacher: nn.Module) -> None:
+    """Refuse a vision-language teacher with a text-only student, and the reverse.
 
     Raises:
-        ValueError: If the tokenizers differ, or the row counts cannot come from one tokenizer.
+        ValueError: If exactly one of the two models takes images.
     """
-    if tokenizer is not None and teacher_tokenizer is not None:
-        student_vocab, teacher_vocab = tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
-        if student_vocab != teacher_vocab:
-            raise ValueError(
-                "The teacher's tokenizer differs from the student's: "
-                f"{_first_vocab_difference(student_vocab, teacher_vocab)}. {CROSS_TOKENIZER_HINT}"
-            )
-    smallest = min(student_rows, teacher_rows)
-    if requested is not None:
-        if requested > smallest:
-            raise ValueError(
-                f"`distill_vocab_size={requested}` is larger than the LM heads allow (student {student_rows} rows, "
-                f"teacher {teacher_rows} rows). Use at most {smallest}."
-            )
-        return requested
-    n_tokens = len(tokenizer) if tokenizer is not None else None
-    if n_tokens is not None and n_tokens > smallest:
-        raise ValueError(
-            f"The tokenizer has {n_tokens} tokens but the {'teacher' if teacher_rows < student_rows else 'student'} "
-            f"LM head has only {smallest} rows, so the two models do not share this tokenizer. {CROSS_TOKENIZER_HINT}"
-        )
-    if student_rows == teacher_rows:
-        return student_rows
-    if n_tokens is None:
-        raise ValueError(
-            f"The student LM head has {student_rows} rows and the teacher's {teacher_rows}. If they share a tokenizer "
-            "and only the padding differs, pass the tokenizer (`processing_class`) or set `distill_vocab_size` to its "
-            f"length. Otherwise: {CROSS_TOKENIZER_HINT}"
-        )
-    logger.info(
-        f"Student ({student_rows} rows) and teacher ({teacher_rows} rows) LM heads differ only by padding; comparing "
-        f"the first {n_tokens} vocabulary entries (the tokenizer's length)."
+    student_vlm, teacher_vlm = _is_vision_language(student), _is_vision_language(teacher)
+    if student_vlm == teacher_vlm:
+        return
+    which = "teacher" if teacher_vlm else "student"
+    other = "student" if teacher_vlm else "teacher"
+    raise ValueError(
+        f"The {which} is a vision-language model (it takes images) but the {other} is text-only. Both must see the "
+        "same inputs: use a vision-language model on both sides (e.g. a smaller model of the same family), or "
+        f"text-only models on both sides (e.g. the {which}'s language model alone, on text-only data)."
     )
-    return n_tokens
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -146,36 +195,3 @@ def freeze(model: nn.Module) -> nn.Module:
     model.eval()
     model.requires_grad_(False)
     return model
-
-
-def unwrap_peft(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PEFT model (LoRA layers stay in place), or `model` itself."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) and hasattr(model, "peft_config") else model
-
-
-def backbone(model: nn.Module) -> nn.Module:
-    """The decoder stack of a causal LM (everything before `lm_head`), also through a PEFT wrapper.
-
-    Raises:
-        ValueError: If the model exposes no separate backbone.
-    """
-    model = unwrap_peft(model)
-    body = getattr(model, "base_model", None)
-    if body is None or body is model:
-        raise ValueError(
-            f"{type(model).__name__} exposes no backbone separate from its LM head (`base_model`), which the chunked "
-            "distillation loss needs. Use an `AutoModelForCausalLM` model."
-        )
-    return body
-
-
-def last_hidden_state(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Run the backbone of `model` on `inputs` and return its last hidden state `[B, L, H]`.
-
-    Inputs are moved to the model's device, so a teacher can live on another device than the batch.
-    """
-    device = next(model.parameters()).device
-    moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-    moved["use_cache"] = False
-    return backbone(model)(**moved).last_hidden_state
