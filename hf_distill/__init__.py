@@ -4,17 +4,15 @@ Change `from trl import SFTTrainer, SFTConfig` to `from hf_distill import Distil
 pass `teacher_model=`. Heavy submodules are imported lazily, on first attribute access.
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import TYPE_CHECKING, Any
+import importlib as _importlib
+import typing as _typing
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "DistillationConfig": "hf_distill.config",
     "DistillationTrainer": "hf_distill.trainer",
-    "check_dataset_columns": "hf_distill.trainer",
+    "check_dataset_columns": "hf_distill.dataset_checks",
     "DIVERGENCE_NAMES": "hf_distill.losses",
     "DenseTeacher": "hf_distill.losses",
     "DistillationLossOutput": "hf_distill.losses",
@@ -23,7 +21,8 @@ _LAZY = {
     "chunked_distillation_loss": "hf_distill.losses",
     "token_divergence": "hf_distill.losses",
     "load_teacher": "hf_distill.teachers.live",
-    "resolve_distill_vocab_size": "hf_distill.teachers.live",
+    "resolve_distill_vocab_size": "hf_distill.teachers.vocab",
+    "VocabularyWarning": "hf_distill.teachers.vocab",
 }
 
 __all__ = [
@@ -34,6 +33,7 @@ __all__ = [
     "DistillationTrainer",
     "HiddenStateTeacher",
     "LMHead",
+    "VocabularyWarning",
     "check_dataset_columns",
     "chunked_distillation_loss",
     "load_teacher",
@@ -41,8 +41,9 @@ __all__ = [
     "token_divergence",
 ]
 
-if TYPE_CHECKING:
+if _typing.TYPE_CHECKING:
     from .config import DistillationConfig
+    from .dataset_checks import check_dataset_columns
     from .losses import (
         DIVERGENCE_NAMES,
         DenseTeacher,
@@ -52,17 +53,20 @@ if TYPE_CHECKING:
         chunked_distillation_loss,
         token_divergence,
     )
-    from .teachers.live import load_teacher, resolve_distill_vocab_size
-    from .trainer import DistillationTrainer, check_dataset_columns
+    from .teachers.live import load_teacher
+    from .teachers.vocab import VocabularyWarning, resolve_distill_vocab_size
+    from .trainer import DistillationTrainer
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
+    # Names of `_LAZY` are imported on first access and then cached as module globals.
     if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(_importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'hf_distill' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    # The public API only: not the helpers above, nor the submodules that importing a name binds here.
+    return sorted({*__all__, "__version__"})

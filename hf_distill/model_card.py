@@ -47,7 +47,7 @@ def describe_origin(name_or_path: str | None) -> tuple[str | None, str]:
     if not name_or_path:
         return None, "a model built from its config (randomly initialised)"
     if os.path.isdir(name_or_path):
-        return None, f"the local checkpoint `{name_or_path}`"
+        return None, f"`{name_or_path}` (a local checkpoint)"
     return name_or_path, f"[{name_or_path}](https://huggingface.co/{name_or_path})"
 
 

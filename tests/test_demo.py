@@ -4,6 +4,9 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
+import time
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -23,9 +26,17 @@ from hf_distill.demo.arithmetic import (
     sample_problems,
     worked_solution,
 )
+from hf_distill.demo.config import MAX_DIGITS, DemoConfigError, longest_example_length
 from hf_distill.demo.evaluate import exact_match_accuracy, generate_completions, held_out_perplexity
-from hf_distill.demo.models import STUDENT_SPEC, TEACHER_SPEC, build_tiny_model, count_parameters
-from hf_distill.demo.run import DemoConfig, run_demo
+from hf_distill.demo.models import (
+    MAX_SEQUENCE_LENGTH,
+    STUDENT_SPEC,
+    TEACHER_SPEC,
+    TinyModelSpec,
+    build_tiny_model,
+    count_parameters,
+)
+from hf_distill.demo.run import DemoConfig, format_results, run_demo
 from hf_distill.demo.tokenizer import build_char_tokenizer
 
 STEP_RE = re.compile(r"(\d)([+-])(\d)\2([01])=([01])(\d)")
@@ -303,3 +314,227 @@ def test_quick_demo_saved_student_matches_in_memory(tmp_path):
     # the teacher was saved too, and the distilled student learned something from it
     AutoModelForCausalLM.from_pretrained(results["teacher_dir"])
     assert results["student"]["perplexity"] < len(tokenizer)
+
+
+# Settings are validated before any training
+
+
+# (settings, offending field, part of the message)
+INVALID_SETTINGS = [
+    ({"teacher_steps": 0}, "teacher_steps", "must be >= 1, got 0"),
+    ({"student_steps": -5}, "student_steps", "must be >= 1, got -5"),
+    ({"student_steps": 2.5}, "student_steps", "must be an integer"),
+    ({"batch_size": 0}, "batch_size", "must be >= 1"),
+    ({"teacher_learning_rate": 0.0}, "teacher_learning_rate", "must be > 0"),
+    ({"student_learning_rate": float("nan")}, "student_learning_rate", "finite"),
+    ({"eval_size": 0}, "eval_size", "must be >= 1"),
+    ({"divergence": "kl"}, "divergence", "must be one of forward_kl"),
+    ({"temperature": 0.0}, "temperature", "must be > 0"),
+    ({"temperature": float("inf")}, "temperature", "finite"),
+    ({"alpha": 1.5}, "alpha", "must be in [0, 1]"),
+    ({"alpha": -0.1}, "alpha", "must be in [0, 1]"),
+    ({"min_digits": 0}, "min_digits", "between 1 and"),
+    ({"max_digits": MAX_DIGITS + 1}, "max_digits", f"between 1 and {MAX_DIGITS}"),
+    ({"min_digits": 3, "max_digits": 2}, "max_digits", "must be >= min_digits (3)"),
+    ({"seed": -1}, "seed", "between 0 and"),
+    ({"seed": 2**32}, "seed", "between 0 and"),
+    ({"num_threads": 0}, "num_threads", "must be >= 1"),
+    ({"sft_baseline": "yes"}, "sft_baseline", "True or False"),
+    ({"output_dir": ""}, "output_dir", "non-empty"),
+    ({"student_spec": (96, 2, 4, 384)}, "student_spec", "TinyModelSpec"),
+    # 100 one-digit additions exist, but the quick settings need 20 * 16 + 16 problems
+    ({"min_digits": 1, "max_digits": 1}, None, "only 100 additions"),
+]
+
+
+@pytest.mark.parametrize("overrides, field, message", INVALID_SETTINGS)
+def test_demo_config_rejects_invalid_settings(overrides, field, message):
+    with pytest.raises(DemoConfigError) as info:
+        DemoConfig.quick(**overrides)
+    assert info.value.field == field
+    assert message in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_demo_config_accepts_edge_values(tmp_path):
+    DemoConfig.quick(alpha=0.0, output_dir=tmp_path).validate()
+    DemoConfig.quick(alpha=1.0, temperature=0.5, seed=0, num_threads=1, min_digits=1, max_digits=MAX_DIGITS)
+    config = DemoConfig(min_digits=1, max_digits=2, teacher_steps=10, student_steps=10, batch_size=100, eval_size=100)
+    assert config.batch_size * 10 + config.eval_size <= 100 * 100
+    assert DemoConfig(output_dir=tmp_path).output_dir == str(tmp_path)  # path-likes become strings
+
+
+def test_tiny_model_spec_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="positive integer"):
+        TinyModelSpec(hidden_size=0, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    with pytest.raises(ValueError, match="even head size"):
+        TinyModelSpec(hidden_size=96, num_hidden_layers=2, num_attention_heads=5, intermediate_size=64)
+    with pytest.raises(ValueError, match="even head size"):
+        TinyModelSpec(hidden_size=12, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)  # head size 3
+
+
+def test_max_digits_fit_the_models():
+    tokenizer = build_char_tokenizer()
+    for width in (1, 2, 4, MAX_DIGITS, MAX_DIGITS + 1):
+        worst = ArithmeticProblem(10**width - 1, 10**width - 1, width=width)
+        ids = tokenizer(worst.prompt + worst.completion + tokenizer.eos_token)["input_ids"]
+        assert len(ids) == longest_example_length(width)
+    assert longest_example_length(MAX_DIGITS) <= MAX_SEQUENCE_LENGTH < longest_example_length(MAX_DIGITS + 1)
+
+
+def test_output_dir_checks(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    with pytest.raises(DemoConfigError, match="is a file"):
+        DemoConfig.quick(output_dir=a_file).validate()
+    with pytest.raises(DemoConfigError, match="cannot be created"):
+        DemoConfig.quick(output_dir=a_file / "below" / "demo").validate()
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "student").write_text("")
+    with pytest.raises(DemoConfigError, match="holds a file 'student'"):
+        DemoConfig.quick(output_dir=occupied).validate()
+    (occupied / "student").unlink()
+    (occupied / "results.json").mkdir()
+    with pytest.raises(DemoConfigError, match="results.json"):
+        DemoConfig.quick(output_dir=occupied).validate()
+    # a directory that does not exist yet is fine, and validation creates nothing
+    DemoConfig.quick(output_dir=tmp_path / "new" / "demo").validate()
+    assert not (tmp_path / "new").exists()
+
+
+def test_output_dir_must_be_writable(tmp_path, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+
+    def access(path, mode, *args, **kwargs):  # as for a read-only directory (chmod is no test when run as root)
+        if os.path.abspath(path) == str(locked) and mode & os.W_OK:
+            return False
+        return real_access(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    with pytest.raises(DemoConfigError, match="is not writable"):
+        DemoConfig.quick(output_dir=locked).validate()
+    with pytest.raises(DemoConfigError, match="cannot be created: .* is not writable"):
+        DemoConfig.quick(output_dir=locked / "demo").validate()
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Make any training (or the whole demo) fail the test."""
+    import hf_distill.demo.run as run_module
+
+    def fail(*args, **kwargs):
+        raise AssertionError("training started although a setting is invalid")
+
+    for name in ("train_teacher", "distil_student", "train_student_sft", "make_arithmetic_splits"):
+        monkeypatch.setattr(run_module, name, fail)
+    return fail
+
+
+def test_run_demo_validates_before_training(tmp_path, no_training):
+    out = tmp_path / "demo"
+    with pytest.raises(DemoConfigError, match="alpha"):
+        run_demo(DemoConfig.quick(output_dir=str(out)), alpha=2.0)
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    with pytest.raises(DemoConfigError, match="is a file"):
+        run_demo(DemoConfig.quick(output_dir=str(a_file)))
+    assert not out.exists()  # nothing written either
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--teacher-steps", "0"], "argument --teacher-steps: must be >= 1, got 0"),
+        (["--student-steps", "-1"], "argument --student-steps: must be >= 1"),
+        (["--batch-size", "0"], "argument --batch-size: must be >= 1"),
+        (["--teacher-learning-rate", "0"], "argument --teacher-learning-rate: must be > 0"),
+        (["--student-learning-rate", "nan"], "argument --student-learning-rate: must be a finite number"),
+        (["--eval-size", "0"], "argument --eval-size: must be >= 1"),
+        (["--temperature", "0"], "argument --temperature: must be > 0"),
+        (["--alpha", "2"], "argument --alpha: must be in [0, 1], got 2.0"),
+        (["--min-digits", "0"], "argument --min-digits: must be between 1 and"),
+        (["--max-digits", "99"], f"argument --max-digits: must be between 1 and {MAX_DIGITS}"),
+        (["--min-digits", "3", "--max-digits", "2"], "argument --max-digits: must be >= min_digits (3)"),
+        (["--min-digits", "1", "--max-digits", "1"], "only 100 additions have 1-1 digit operands"),
+        (["--seed", "-1"], "argument --seed: must be between 0 and"),
+        (["--num-threads", "0"], "argument --num-threads: must be >= 1"),
+        (["--divergence", "kl"], "argument --divergence: invalid choice: 'kl'"),  # argparse's own check
+    ],
+)
+def test_cli_rejects_bad_flags_before_training(tmp_path, capsys, no_training, flags, message):
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--quick", "--output-dir", str(tmp_path / "demo"), *flags])
+    assert time.perf_counter() - start < 5
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    last_line = captured.err.strip().splitlines()[-1]
+    assert last_line.startswith("hf-distill demo: error: ")
+    assert message in last_line
+    assert "Traceback" not in captured.err
+    assert not (tmp_path / "demo").exists()
+
+
+def test_cli_rejects_unwritable_output_dir(tmp_path, capsys, no_training):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    for output_dir, message in ((a_file, "is a file"), (a_file / "demo", "cannot be created")):
+        with pytest.raises(SystemExit) as info:
+            main(["demo", "--quick", "--output-dir", str(output_dir)])
+        assert info.value.code == 2
+        last_line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last_line.startswith("hf-distill demo: error: argument --output-dir: ") and message in last_line
+
+
+def test_cli_bad_flag_fails_before_importing_torch(tmp_path):
+    # a fresh process: the error comes before torch, transformers or datasets are even imported
+    code = (
+        "import sys\nfrom hf_distill.cli.main import main\n"
+        "try:\n    main(sys.argv[1:])\nexcept SystemExit as exit:\n"
+        "    heavy = [m for m in ('torch', 'transformers', 'datasets', 'trl') if m in sys.modules]\n"
+        "    print(exit.code, heavy)\n"
+    )
+    argv = ["demo", "--alpha", "2", "--output-dir", str(tmp_path / "demo")]
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "2 []"
+    assert result.stderr.strip().splitlines()[-1].startswith("hf-distill demo: error: argument --alpha: ")
+
+
+def test_quick_demo_no_progress_prints_only_results(tmp_path, capfd):
+    out = tmp_path / "demo"
+    tiny = ["--teacher-steps", "2", "--student-steps", "2", "--batch-size", "4", "--eval-size", "4"]
+    assert main(["demo", "--quick", "--no-progress", *tiny, "--output-dir", str(out)]) == 0
+    captured = capfd.readouterr()
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["show_progress"] is False and results["eval_size"] == 4
+    assert captured.out == format_results(results) + "\n"  # the table, and not one line more
+    assert captured.err == ""  # no progress bars, no log dicts, no library logs
+
+
+def test_demo_package_is_lazy_and_complete():
+    import hf_distill.demo as demo
+
+    assert dir(demo) == sorted(demo.__all__)
+    for name in demo.__all__:
+        assert getattr(demo, name) is not None
+    assert demo.DemoConfig is DemoConfig and demo.run_demo is run_demo
+    heavy = ("torch", "transformers", "datasets")
+    code = f"import sys, hf_distill.demo.config; print([m for m in {heavy!r} if m in sys.modules])"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
+
+
+def test_docs_list_every_demo_flag():
+    import argparse
+
+    from hf_distill.cli import demo as demo_cli
+
+    parser = demo_cli.add_parser(argparse.ArgumentParser().add_subparsers())
+    flags = {option for action in parser._actions for option in action.option_strings if option.startswith("--")}
+    flags -= {"--help", "--quick"}
+    docs = open(os.path.join(os.path.dirname(__file__), "..", "docs", "demo.md"), encoding="utf-8").read()
+    documented = set(re.findall(r"^\| `(--[a-z-]+)", docs, flags=re.MULTILINE))
+    assert documented == flags

@@ -15,34 +15,40 @@ tokenizer = build_char_tokenizer()
 ```
 """
 
-from .arithmetic import (
-    ANSWER_MARKER,
-    ArithmeticProblem,
-    extract_answer,
-    make_arithmetic_dataset,
-    make_arithmetic_splits,
-    worked_solution,
-)
-from .evaluate import exact_match_accuracy, generate_completions, held_out_perplexity
-from .models import STUDENT_SPEC, TEACHER_SPEC, TinyModelSpec, build_tiny_model
-from .run import DemoConfig, run_demo
-from .tokenizer import build_char_tokenizer
+import importlib as _importlib
 
-__all__ = [
-    "ANSWER_MARKER",
-    "ArithmeticProblem",
-    "DemoConfig",
-    "STUDENT_SPEC",
-    "TEACHER_SPEC",
-    "TinyModelSpec",
-    "build_char_tokenizer",
-    "build_tiny_model",
-    "exact_match_accuracy",
-    "extract_answer",
-    "generate_completions",
-    "held_out_perplexity",
-    "make_arithmetic_dataset",
-    "make_arithmetic_splits",
-    "run_demo",
-    "worked_solution",
-]
+_LAZY = {
+    "ANSWER_MARKER": "arithmetic",
+    "ArithmeticProblem": "arithmetic",
+    "extract_answer": "arithmetic",
+    "make_arithmetic_dataset": "arithmetic",
+    "make_arithmetic_splits": "arithmetic",
+    "worked_solution": "arithmetic",
+    "DemoConfig": "config",
+    "DemoConfigError": "config",
+    "exact_match_accuracy": "evaluate",
+    "generate_completions": "evaluate",
+    "held_out_perplexity": "evaluate",
+    "STUDENT_SPEC": "models",
+    "TEACHER_SPEC": "models",
+    "TinyModelSpec": "models",
+    "build_tiny_model": "models",
+    "run_demo": "run",
+    "build_char_tokenizer": "tokenizer",
+}
+# Imported on first use, like `hf_distill`'s own names: `hf-distill demo` checks its flags with `config` alone, before
+# the seconds that torch, transformers and datasets take to import.
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        value = getattr(_importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return list(__all__)

@@ -7,8 +7,10 @@ learn the arithmetic task in one to two minutes of CPU training; the student is 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase
+if TYPE_CHECKING:  # transformers is imported where it is used, so that `hf_distill.demo.config` stays light
+    from transformers import LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -20,12 +22,28 @@ class TinyModelSpec:
         num_hidden_layers (`int`): Number of decoder layers.
         num_attention_heads (`int`): Number of attention heads (and key-value heads).
         intermediate_size (`int`): Width of the MLP.
+
+    Raises:
+        ValueError: If a size is not a positive integer, or `hidden_size` is not `num_attention_heads` times an even
+            head size.
     """
 
     hidden_size: int
     num_hidden_layers: int
     num_attention_heads: int
     intermediate_size: int
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TinyModelSpec.{name} must be a positive integer, got {value!r}.")
+        head_dim, remainder = divmod(self.hidden_size, self.num_attention_heads)
+        if remainder or head_dim % 2:
+            raise ValueError(
+                f"TinyModelSpec.hidden_size ({self.hidden_size}) must be num_attention_heads "
+                f"({self.num_attention_heads}) times an even head size (rotary embeddings rotate pairs of channels)."
+            )
 
 
 TEACHER_SPEC = TinyModelSpec(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512)
@@ -37,18 +55,27 @@ STUDENT_SPEC = TinyModelSpec(hidden_size=96, num_hidden_layers=2, num_attention_
 same budget a 64-wide student (2 or 3 layers) rarely gets the final answer right."""
 
 
-def tiny_llama_config(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerBase, max_position_embeddings: int = 256):
+MAX_SEQUENCE_LENGTH = 256
+"""Longest tokenized example (prompt, completion and special tokens) the demo models are built and trained for."""
+
+
+def tiny_llama_config(
+    spec: TinyModelSpec, tokenizer: PreTrainedTokenizerBase, max_position_embeddings: int = MAX_SEQUENCE_LENGTH
+) -> LlamaConfig:
     """`LlamaConfig` of shape `spec` over `tokenizer`'s vocabulary and special tokens.
 
     Args:
         spec ([`TinyModelSpec`]): Model shape.
         tokenizer ([`~transformers.PreTrainedTokenizerBase`]): Tokenizer whose vocabulary size and pad, BOS and EOS
             ids the model uses.
-        max_position_embeddings (`int`, *optional*, defaults to `256`): Longest sequence the model is meant for.
+        max_position_embeddings (`int`, *optional*, defaults to [`MAX_SEQUENCE_LENGTH`]): Longest sequence the
+            model is meant for.
 
     Returns:
         [`~transformers.LlamaConfig`]: The configuration (untied embeddings, no dropout).
     """
+    from transformers import LlamaConfig
+
     return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden_size,
@@ -76,9 +103,9 @@ def build_tiny_model(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerBase, se
     Returns:
         [`~transformers.PreTrainedModel`]: The model, with its generation config's pad and EOS ids set.
     """
-    if seed is not None:
-        from transformers import set_seed
+    from transformers import AutoModelForCausalLM, set_seed
 
+    if seed is not None:
         set_seed(seed)
     model: PreTrainedModel = AutoModelForCausalLM.from_config(tiny_llama_config(spec, tokenizer))
     model.generation_config.pad_token_id = tokenizer.pad_token_id

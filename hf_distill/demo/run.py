@@ -9,74 +9,31 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from .arithmetic import make_arithmetic_splits
+from .config import DemoConfig, DemoConfigError
 from .evaluate import exact_match_accuracy, held_out_perplexity
-from .models import STUDENT_SPEC, TEACHER_SPEC, TinyModelSpec, build_tiny_model, count_parameters
+from .models import MAX_SEQUENCE_LENGTH, TinyModelSpec, build_tiny_model, count_parameters
 from .tokenizer import build_char_tokenizer
 
-
-@dataclass
-class DemoConfig:
-    """Settings of [`run_demo`]. The defaults take about 3-5 minutes on two CPU cores.
-
-    Args:
-        output_dir (`str`, *optional*, defaults to `"outputs/demo"`): Where the teacher, the student and
-            `results.json` are written.
-        teacher_steps (`int`, *optional*, defaults to `300`): Optimizer steps of the teacher's SFT.
-        student_steps (`int`, *optional*, defaults to `400`): Optimizer steps of the student's distillation.
-        batch_size (`int`, *optional*, defaults to `64`): Examples per step (both trainings).
-        teacher_learning_rate (`float`, *optional*, defaults to `3e-3`): Peak learning rate of the teacher.
-        student_learning_rate (`float`, *optional*, defaults to `3e-3`): Peak learning rate of the student.
-        eval_size (`int`, *optional*, defaults to `200`): Held-out problems used for perplexity and exact match.
-        divergence (`str`, *optional*, defaults to `"forward_kl"`): Distillation divergence (see
-            [`hf_distill.DistillationConfig`]). With the default settings forward KL at temperature 1 gave the best
-            student (99% exact match, against 92.5% for the same student trained with plain SFT, 80% with
-            temperature 2 and 0% with `generalized_jsd` in 400 steps: the teacher's distributions are almost one-hot
-            on this task, which starves the JSD of gradient).
-        temperature (`float`, *optional*, defaults to `1.0`): Distillation temperature.
-        alpha (`float`, *optional*, defaults to `0.0`): Weight of the hard-label cross-entropy in the student's loss.
-        sft_baseline (`bool`, *optional*, defaults to `False`): Also train the same student with plain SFT (same
-            steps, data and seed) and report it, to see what the teacher adds.
-        min_digits (`int`, *optional*, defaults to `2`): Fewest digits of an operand.
-        max_digits (`int`, *optional*, defaults to `4`): Most digits of an operand.
-        teacher_spec ([`TinyModelSpec`], *optional*): Teacher shape, defaults to [`TEACHER_SPEC`].
-        student_spec ([`TinyModelSpec`], *optional*): Student shape, defaults to [`STUDENT_SPEC`].
-        seed (`int`, *optional*, defaults to `0`): Seed of the data, the initialisations and the training.
-        num_threads (`int`, *optional*): CPU threads for torch; defaults to the idle available cores (1 to 8).
-        show_progress (`bool`, *optional*, defaults to `True`): Show progress bars and training logs.
-    """
-
-    output_dir: str = "outputs/demo"
-    teacher_steps: int = 300
-    student_steps: int = 400
-    batch_size: int = 64
-    teacher_learning_rate: float = 3e-3
-    student_learning_rate: float = 3e-3
-    eval_size: int = 200
-    divergence: str = "forward_kl"
-    temperature: float = 1.0
-    alpha: float = 0.0
-    sft_baseline: bool = False
-    min_digits: int = 2
-    max_digits: int = 4
-    teacher_spec: TinyModelSpec = TEACHER_SPEC
-    student_spec: TinyModelSpec = STUDENT_SPEC
-    seed: int = 0
-    num_threads: int | None = None
-    show_progress: bool = True
-
-    @classmethod
-    def quick(cls, **overrides: Any) -> DemoConfig:
-        """Smoke-test settings (a few seconds of training, numbers meaningless); `overrides` win."""
-        settings: dict[str, Any] = {"teacher_steps": 20, "student_steps": 10, "batch_size": 16, "eval_size": 16}
-        settings.update(overrides)
-        return cls(**settings)
+__all__ = [
+    "DemoConfig",
+    "DemoConfigError",
+    "configure_threads",
+    "distil_student",
+    "evaluate_model",
+    "format_results",
+    "run_demo",
+    "train_student_sft",
+    "train_teacher",
+]
 
 
 def configure_threads(num_threads: int | None = None) -> int:
@@ -122,7 +79,7 @@ def _common_training_args(config: DemoConfig, steps: int, learning_rate: float, 
         "bf16": False,
         "fp16": False,
         "activation_checkpointing": False,
-        "max_length": 256,
+        "max_length": MAX_SEQUENCE_LENGTH,
         "completion_only_loss": True,
         "seed": config.seed,
         "data_seed": config.seed,
@@ -149,6 +106,7 @@ def train_teacher(config: DemoConfig, train_dataset, tokenizer: PreTrainedTokeni
     model = build_tiny_model(config.teacher_spec, tokenizer, seed=config.seed)
     args = SFTConfig(**_common_training_args(config, config.teacher_steps, config.teacher_learning_rate, teacher_dir))
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer)
+    _drop_log_printer(trainer, config)
     trainer.train()
     trainer.save_model(teacher_dir)
     tokenizer.save_pretrained(teacher_dir)
@@ -172,6 +130,7 @@ def train_student_sft(config: DemoConfig, train_dataset, tokenizer: PreTrainedTo
     run_dir = os.path.join(config.output_dir, "student_sft")
     args = SFTConfig(**_common_training_args(config, config.student_steps, config.student_learning_rate, run_dir))
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer)
+    _drop_log_printer(trainer, config)
     trainer.train()
     return trainer.model
 
@@ -202,8 +161,14 @@ def distil_student(
         alpha=config.alpha,
     )
     trainer = DistillationTrainer(
-        model=model, teacher_model=teacher, args=args, train_dataset=train_dataset, processing_class=tokenizer
+        model=model,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        teacher_processing_class=tokenizer,  # the in-memory teacher has no saved tokenizer to check; it is this one
     )
+    _drop_log_printer(trainer, config)
     trainer.train()
     trainer.save_model(student_dir)
     tokenizer.save_pretrained(student_dir)
@@ -284,17 +249,18 @@ def run_demo(config: DemoConfig | None = None, return_models: bool = False, **ov
         `parameters`, `perplexity`, `exact_match` and `train_seconds`; plus `"student_dir"`, `"teacher_dir"`,
         `"eval_size"`, `"train_size"`, `"divergence"`, `"temperature"`, `"alpha"`, `"num_threads"`, `"seed"` and
         `"total_seconds"`. The same (without the models) is written to `<output_dir>/results.json`.
-    """
-    import datasets
 
+    Raises:
+        DemoConfigError: (a `ValueError`) if a setting is invalid or `output_dir` cannot be written; raised before
+            anything is trained or written.
+    """
     config = replace(config or DemoConfig(), **overrides)
+    config.validate()  # before anything is trained or written
     start = time.perf_counter()
     num_threads = configure_threads(config.num_threads)
     set_seed(config.seed)
     os.makedirs(config.output_dir, exist_ok=True)
-    progress_was_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()  # the dataset map bars of two trainers are noise here
-    try:
+    with _library_output(config.show_progress):
         n_train = config.batch_size * max(config.teacher_steps, config.student_steps)
         train_dataset, eval_dataset = make_arithmetic_splits(
             n_train, config.eval_size, seed=config.seed, min_digits=config.min_digits, max_digits=config.max_digits
@@ -344,9 +310,6 @@ def run_demo(config: DemoConfig | None = None, return_models: bool = False, **ov
                 **evaluate_model(models[name], tokenizer, eval_dataset, config.show_progress),
                 "train_seconds": train_seconds,
             }
-    finally:
-        if progress_was_enabled:
-            datasets.enable_progress_bars()
 
     results.update(
         {
@@ -382,3 +345,59 @@ def _millions(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerBase) -> str:
 def _say(message: str, enabled: bool) -> None:
     if enabled:
         print(message, flush=True)
+
+
+def _drop_log_printer(trainer, config: DemoConfig) -> None:
+    # With `disable_tqdm=True` the Trainer swaps its progress bar for `PrinterCallback`, which prints every log dict
+    # (`{'loss': ..., 'grad_norm': ...}`); quiet runs want neither. The logs still reach `trainer.state.log_history`.
+    if not config.show_progress:
+        from transformers import PrinterCallback, ProgressCallback
+
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+
+
+@contextmanager
+def _library_output(show_progress: bool) -> Iterator[None]:
+    # The dataset map bars of the trainers are noise here, whatever `show_progress`; a quiet run also hides the
+    # transformers bars (e.g. "Writing model shards" when saving) and the info/warning logs of transformers, datasets
+    # and hf_distill (Python warnings stay). All is restored afterwards, Hugging Face Hub's own progress bar settings
+    # included (transformers' switch flips them).
+    import importlib
+    import logging
+
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    # the module: `huggingface_hub.utils.tqdm` as an attribute is its tqdm class
+    hub_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")
+
+    hub_states = dict(getattr(hub_tqdm, "progress_bar_states", {}))
+    own_logger = logging.getLogger("hf_distill")
+    own_level = own_logger.level
+    saved = (
+        datasets.is_progress_bar_enabled(),
+        transformers_logging.is_progress_bar_enabled(),
+        transformers_logging.get_verbosity(),
+        datasets.logging.get_verbosity(),
+    )
+    datasets.disable_progress_bars()
+    if not show_progress:
+        transformers_logging.disable_progress_bar()
+        transformers_logging.set_verbosity_error()
+        datasets.logging.set_verbosity_error()
+        own_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        datasets_bars, transformers_bars, transformers_verbosity, datasets_verbosity = saved
+        if datasets_bars:
+            datasets.enable_progress_bars()
+        if transformers_bars and not transformers_logging.is_progress_bar_enabled():
+            transformers_logging.enable_progress_bar()
+        transformers_logging.set_verbosity(transformers_verbosity)
+        datasets.logging.set_verbosity(datasets_verbosity)
+        own_logger.setLevel(own_level)
+        if hasattr(hub_tqdm, "progress_bar_states"):
+            hub_tqdm.progress_bar_states.clear()
+            hub_tqdm.progress_bar_states.update(hub_states)
