@@ -34,7 +34,7 @@ from .teachers.live import (
     teacher_init_kwargs,
     try_load_tokenizer,
 )
-from .teachers.vocab import resolve_distill_vocab_size
+from .teachers.vocab import check_teacher_can_read, resolve_distill_vocab_size, teacher_input_limit
 
 __all__ = ["DistillationTrainer", "check_dataset_columns"]
 
@@ -163,6 +163,7 @@ class DistillationTrainer(SFTTrainer):
             requested=args.distill_vocab_size,
             teacher_config=getattr(teacher_model, "config", None),
         )
+        self._teacher_input_limit = teacher_input_limit(teacher_model, teacher_tokenizer, unwrap_peft(self.model))
         self.teacher_model = self._place_teacher(freeze(teacher_model))
 
     @staticmethod
@@ -234,6 +235,8 @@ class DistillationTrainer(SFTTrainer):
         labels = inputs["labels"]
         model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels", "seq_lengths")}
         teacher = self.accelerator.unwrap_model(self.teacher_model)
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        check_teacher_can_read(model_inputs.get("input_ids"), self._teacher_input_limit, tokenizer)
         # The same autocast accelerate wraps the prepared model's forward in: the forward redirection above replaced
         # that forward, and a teacher on its own device was never prepared
         with self.accelerator.autocast():

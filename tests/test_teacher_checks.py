@@ -280,3 +280,36 @@ def test_model_card_names_teacher_and_settings(tmp_path):
     assert teacher_dir in card
     assert "`reverse_kl`" in card and "| temperature | 2.0" in card and "| 0.25 |" in card
     assert "a model built from its config" in card
+
+
+def test_chat_template_path_that_adds_tokens_compares_shared_rows_and_refuses_unknown_inputs(tmp_path):
+    """SFTTrainer's `chat_template_path` clones a template that adds special tokens and resizes the student: the
+    shared rows are compared, and a batch holding the added tokens (which the teacher cannot embed) is refused."""
+    from tiny import conversational_dataset
+
+    tokenizer = make_tokenizer()
+    teacher_dir = _save_teacher(tmp_path, tokenizer)
+    source = make_tokenizer()
+    source.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    source.eos_token = "<|im_end|>"
+    source.chat_template = (
+        "{% for message in messages %}{{ '<|im_start|> ' + message['role'] + ' ' + message['content'] + ' <|im_end|> ' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|> assistant ' }}{% endif %}"
+    )
+    source_dir = tmp_path / "template"
+    source.save_pretrained(source_dir)
+    with pytest.warns(VocabularyWarning, match="Distillation compares the first"):
+        trainer = DistillationTrainer(
+            model=make_model(len(tokenizer), seed=1),
+            teacher_model=teacher_dir,
+            args=config(tmp_path, chat_template_path=str(source_dir), alpha=0.5, max_steps=2),
+            train_dataset=conversational_dataset(),
+            processing_class=tokenizer,
+        )
+    assert trainer.model.get_output_embeddings().weight.shape[0] == 64  # resized to a multiple of 64
+    assert trainer.distill_vocab_size == len(make_tokenizer())
+    batch = first_batch(trainer)
+    assert (batch["input_ids"] >= trainer.distill_vocab_size).any(), "the added tokens are in the data"
+    # the teacher has no embedding for '<|im_start|>': a clear error, not an IndexError from deep inside torch
+    with pytest.raises(ValueError, match=r"tokens the teacher does not know .*'<\|im_start\|>'.*chat_template_path"):
+        trainer.train()

@@ -173,3 +173,41 @@ def resolve_distill_vocab_size(
         f"the first {n_tokens} vocabulary entries."
     )
     return n_tokens
+
+
+def teacher_input_limit(teacher: Any, teacher_tokenizer: Any, student: Any) -> int | None:
+    """The first token id the teacher cannot read, when the student's inputs can hold such ids; else `None`.
+
+    The teacher embeds ids below its embedding rows, and knows ids below its tokenizer's length. When the student's
+    embeddings are larger (a student tokenizer with added tokens), a batch can hold ids the teacher cannot read.
+    """
+    embeddings = getattr(teacher, "get_input_embeddings", lambda: None)()
+    student_embeddings = getattr(student, "get_input_embeddings", lambda: None)()
+    if embeddings is None or student_embeddings is None:
+        return None
+    limit = embeddings.weight.shape[0]
+    if teacher_tokenizer is not None:
+        limit = min(limit, len(teacher_tokenizer))
+    return limit if limit < student_embeddings.weight.shape[0] else None
+
+
+def check_teacher_can_read(input_ids: Any, limit: int | None, tokenizer: Any = None) -> None:
+    """Refuse a batch with token ids the teacher has no embedding (or no token) for.
+
+    Raises:
+        ValueError: If `input_ids` holds ids `>= limit`, naming the tokens and the fixes.
+    """
+    if limit is None or input_ids is None:
+        return
+    unknown = input_ids[input_ids >= limit]
+    if unknown.numel() == 0:
+        return
+    ids = sorted(set(unknown.tolist()))
+    names = tokenizer.convert_ids_to_tokens(ids[:5]) if tokenizer is not None else ids[:5]
+    raise ValueError(
+        f"The batch holds tokens the teacher does not know (ids >= {limit}: {', '.join(map(repr, names))}"
+        f"{', ...' if len(ids) > 5 else ''}): the student's tokenizer adds them (e.g. through `chat_template_path`) "
+        "and the teacher has no embedding for them, so it cannot read this text. Use a chat template made of tokens "
+        "both tokenizers have (e.g. the teacher's own: `chat_template_path=<teacher>`), or add the same tokens to "
+        "the teacher and train its new embeddings before distilling."
+    )
