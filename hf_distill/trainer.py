@@ -31,6 +31,7 @@ from .teachers.live import (
     freeze,
     load_teacher,
     separate_from_student,
+    student_config,
     teacher_init_kwargs,
     try_load_tokenizer,
 )
@@ -123,8 +124,8 @@ class DistillationTrainer(SFTTrainer):
         else:
             self._teacher_name_or_path = getattr(getattr(teacher_model, "config", None), "_name_or_path", None)
         teacher_model = separate_from_student(teacher_model, model)
-        if isinstance(model, nn.Module):
-            check_modalities(model, teacher_model)  # before anything is moved or trained
+        # Before anything is moved or trained (a student given by name: from its config alone)
+        check_modalities(model if isinstance(model, nn.Module) else student_config(model, args), teacher_model)
 
         super().__init__(
             model,

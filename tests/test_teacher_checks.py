@@ -293,8 +293,9 @@ def test_chat_template_path_that_adds_tokens_compares_shared_rows_and_refuses_un
     source.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     source.eos_token = "<|im_end|>"
     source.chat_template = (
-        "{% for message in messages %}{{ '<|im_start|> ' + message['role'] + ' ' + message['content'] + ' <|im_end|> ' }}"
-        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|> assistant ' }}{% endif %}"
+        "{% for message in messages %}"
+        "{{ '<|im_start|> ' + message['role'] + ' ' + message['content'] + ' <|im_end|> ' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|> assistant ' }}{% endif %}"
     )
     source_dir = tmp_path / "template"
     source.save_pretrained(source_dir)

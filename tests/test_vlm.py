@@ -174,3 +174,24 @@ def test_text_teacher_with_vlm_student_is_refused(tmp_path, family):
             train_dataset=vlm_dataset(8),  # SFTTrainer alone would accept this
             processing_class=processor,
         )
+
+
+def test_vlm_teacher_with_text_student_by_path_is_refused_before_loading_it(tmp_path, monkeypatch):
+    import trl
+
+    teacher, _, processor = make_vlm_pair("qwen2_vl")
+    student_dir = tmp_path / "student"
+    make_text_model(processor).save_pretrained(student_dir)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the student was loaded before the modalities were checked")
+
+    monkeypatch.setattr(trl.SFTTrainer, "__init__", must_not_run)
+    with pytest.raises(ValueError, match="teacher is a vision-language model.*student is text-only"):
+        DistillationTrainer(
+            model=str(student_dir),
+            teacher_model=teacher,
+            args=distill_config(tmp_path),
+            train_dataset=vlm_dataset(8, text_only=True),
+            processing_class=processor.tokenizer,
+        )

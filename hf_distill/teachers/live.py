@@ -29,6 +29,7 @@ __all__ = [
     "load_teacher",
     "resolve_distill_vocab_size",
     "separate_from_student",
+    "student_config",
     "teacher_init_kwargs",
     "try_load_tokenizer",
     "unwrap_peft",
@@ -167,17 +168,35 @@ def separate_from_student(teacher: nn.Module, student: Any) -> nn.Module:
     return teacher
 
 
-def _is_vision_language(model: nn.Module) -> bool:
-    config = getattr(unwrap_peft(model), "config", None)
+def _is_vision_language(model: Any) -> bool:
+    config = model if not isinstance(model, nn.Module) else getattr(unwrap_peft(model), "config", None)
     return getattr(config, "vision_config", None) is not None
 
 
-def check_modalities(student: nn.Module, teacher: nn.Module) -> None:
+def student_config(name_or_path: str, args: Any) -> Any:
+    """The config of a student given by name/path (cheap: no weights), or `None` when it cannot be read here (the
+    student's own loading then reports the problem)."""
+    from transformers import AutoConfig
+
+    kwargs = {k: v for k, v in (args.model_init_kwargs or {}).items() if k in ("revision", "trust_remote_code")}
+    try:
+        return AutoConfig.from_pretrained(os.path.expanduser(name_or_path), **kwargs)
+    except Exception:  # noqa: BLE001 - SFTTrainer's own loading gives the user-facing error
+        return None
+
+
+def check_modalities(student: Any, teacher: Any) -> None:
     """Refuse a vision-language teacher with a text-only student, and the reverse.
+
+    Args:
+        student (`nn.Module` or `PretrainedConfig`): The student model, or its config.
+        teacher (`nn.Module` or `PretrainedConfig`): The teacher model, or its config.
 
     Raises:
         ValueError: If exactly one of the two models takes images.
     """
+    if student is None or teacher is None:
+        return  # unknown yet (checked again once the model is loaded)
     student_vlm, teacher_vlm = _is_vision_language(student), _is_vision_language(teacher)
     if student_vlm == teacher_vlm:
         return
