@@ -113,9 +113,10 @@ class DistillationTrainer(SFTTrainer):
         check_dataset_columns(train_dataset, args, has_formatting_func, "train")
         check_dataset_columns(eval_dataset, args, has_formatting_func, "eval")
 
+        teacher_kwargs = teacher_init_kwargs(model, args)
         if isinstance(teacher_model, str):
             self._teacher_name_or_path = teacher_model
-            teacher_model = load_teacher(teacher_model, teacher_init_kwargs(model, args))
+            teacher_model = load_teacher(teacher_model, teacher_kwargs)
         elif args.teacher_model_init_kwargs:
             raise ValueError(
                 "`teacher_model_init_kwargs` only applies when the teacher is given by name or path, but "
@@ -150,7 +151,7 @@ class DistillationTrainer(SFTTrainer):
         self._forward_redirection = _ForwardRedirection()
 
         if teacher_processing_class is None:
-            revision = (args.teacher_model_init_kwargs or {}).get("revision")
+            revision = teacher_kwargs.get("revision") if isinstance(self._teacher_name_or_path, str) else None
             teacher_processing_class = try_load_tokenizer(self._teacher_name_or_path, revision)
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         teacher_tokenizer = getattr(teacher_processing_class, "tokenizer", teacher_processing_class)

@@ -195,3 +195,25 @@ def test_vlm_teacher_with_text_student_by_path_is_refused_before_loading_it(tmp_
             train_dataset=vlm_dataset(8, text_only=True),
             processing_class=processor.tokenizer,
         )
+
+
+def test_vlm_teacher_loaded_from_a_local_path(tmp_path):
+    teacher, student, processor = make_vlm_pair("qwen2_vl")
+    teacher_dir = tmp_path / "teacher"
+    teacher.save_pretrained(teacher_dir)
+    processor.tokenizer.save_pretrained(teacher_dir)
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=str(teacher_dir),
+        args=distill_config(tmp_path),
+        train_dataset=vlm_dataset(8),
+        processing_class=processor,
+    )
+    assert type(trainer.teacher_model).__name__ == type(teacher).__name__
+    batch = first_batch(trainer)
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    reference = naive_vlm_distill_loss(
+        trainer.model, trainer.teacher_model, batch, vocab_size=trainer.distill_vocab_size
+    )
+    torch.testing.assert_close(loss.double(), reference, rtol=1e-5, atol=1e-5)
