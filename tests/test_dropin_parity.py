@@ -203,8 +203,13 @@ def test_logged_metrics_are_per_token_under_gradient_accumulation(tmp_path, alph
         model=make_model(len(tokenizer), seed=1),
         teacher_model=peaky_teacher(len(tokenizer)),
         args=config(
-            tmp_path, alpha=alpha, per_device_train_batch_size=1, gradient_accumulation_steps=4, max_steps=3,
-            learning_rate=1e-3, max_length=64,
+            tmp_path,
+            alpha=alpha,
+            per_device_train_batch_size=1,
+            gradient_accumulation_steps=4,
+            max_steps=3,
+            learning_rate=1e-3,
+            max_length=64,
         ),  # fmt: skip
         train_dataset=_uneven_dataset(),
         processing_class=tokenizer,

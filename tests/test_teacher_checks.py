@@ -15,6 +15,18 @@ from hf_distill import DistillationConfig, DistillationTrainer
 from hf_distill.teachers.vocab import VocabularyWarning
 
 
+def _distil(tmp_path, teacher, tokenizer, args=None, **kwargs) -> DistillationTrainer:
+    """A fresh tiny student distilled from `teacher` on a language-modeling dataset."""
+    return DistillationTrainer(
+        model=make_model(len(tokenizer), seed=1),
+        teacher_model=teacher,
+        args=args if args is not None else config(tmp_path),
+        train_dataset=lm_dataset(),
+        processing_class=tokenizer,
+        **kwargs,
+    )
+
+
 def _vocab_warnings(record) -> list[str]:
     return [str(w.message) for w in record if issubclass(w.category, VocabularyWarning)]
 
@@ -92,13 +104,7 @@ def test_loaded_teacher_with_hub_name_is_checked_or_warned(tmp_path):
     teacher = peaky_teacher(len(tokenizer))
     teacher.config._name_or_path = "someone/not-on-this-machine"  # a Hub id, not a local folder
     with pytest.warns(VocabularyWarning, match="Could not check that the teacher uses the student's tokenizer"):
-        DistillationTrainer(
-            model=make_model(len(tokenizer), seed=1),
-            teacher_model=teacher,
-            args=config(tmp_path),
-            train_dataset=lm_dataset(),
-            processing_class=tokenizer,
-        )
+        _distil(tmp_path, teacher, tokenizer)
 
 
 def test_teacher_folder_without_tokenizer_and_larger_head_warns(tmp_path):
@@ -106,13 +112,7 @@ def test_teacher_folder_without_tokenizer_and_larger_head_warns(tmp_path):
     teacher_dir = tmp_path / "teacher"
     peaky_teacher(len(tokenizer), rows=len(tokenizer) + 40).save_pretrained(teacher_dir)  # no tokenizer saved
     with pytest.warns(VocabularyWarning, match=rf"only the first {len(tokenizer)} columns are compared"):
-        trainer = DistillationTrainer(
-            model=make_model(len(tokenizer), seed=1),
-            teacher_model=str(teacher_dir),
-            args=config(tmp_path),
-            train_dataset=lm_dataset(),
-            processing_class=tokenizer,
-        )
+        trainer = _distil(tmp_path, str(teacher_dir), tokenizer)
     assert trainer.distill_vocab_size == len(tokenizer)
 
 
@@ -121,13 +121,7 @@ def test_special_token_ids_that_disagree_are_named(tmp_path):
     teacher = peaky_teacher(len(tokenizer))
     teacher.config.eos_token_id = 7
     with pytest.warns(VocabularyWarning, match="eos_token_id is 7 but the student's tokenizer has 2"):
-        DistillationTrainer(
-            model=make_model(len(tokenizer), seed=1),
-            teacher_model=teacher,
-            args=config(tmp_path),
-            train_dataset=lm_dataset(),
-            processing_class=tokenizer,
-        )
+        _distil(tmp_path, teacher, tokenizer)
 
 
 def test_same_object_as_student_and_teacher_is_copied_and_trains(tmp_path):
@@ -231,13 +225,7 @@ def test_relative_teacher_folder_that_does_not_exist(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     tokenizer = make_tokenizer()
     with pytest.raises(ValueError, match=r"No local folder 'nope_dir' exists either"):
-        DistillationTrainer(
-            model=make_model(len(tokenizer), seed=1),
-            teacher_model="nope_dir",
-            args=config(tmp_path),
-            train_dataset=lm_dataset(),
-            processing_class=tokenizer,
-        )
+        _distil(tmp_path, "nope_dir", tokenizer)
 
 
 def test_compute_loss_func_is_refused(tmp_path):
