@@ -9,7 +9,6 @@ SFTTrainer's.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +23,7 @@ from trl.trainer.utils import disable_dropout_in_model
 from .config import DistillationConfig
 from .dataset_checks import check_dataset_columns
 from .losses import DistillationLossOutput, HiddenStateTeacher, LMHead, chunked_distillation_loss
-from .model_card import build_model_card
+from .model_card import write_model_card
 from .model_forward import forward_hidden_states, unwrap_peft
 from .teachers.live import (
     check_modalities,
@@ -63,8 +62,29 @@ class DistillationTrainer(SFTTrainer):
             `args.teacher_model_init_kwargs` sets them. The student itself (self-distillation) is copied.
         args ([`DistillationConfig`], *optional*):
             Configuration; a plain `SFTConfig`/`TrainingArguments` is converted with every field kept.
-        data_collator, train_dataset, eval_dataset, processing_class, compute_metrics, callbacks, optimizers,
-        optimizer_cls_and_kwargs, preprocess_logits_for_metrics, quantization_config, peft_config, formatting_func:
+        data_collator:
+            As in `SFTTrainer`.
+        train_dataset:
+            As in `SFTTrainer`.
+        eval_dataset:
+            As in `SFTTrainer`.
+        processing_class:
+            As in `SFTTrainer`.
+        compute_metrics:
+            As in `SFTTrainer`.
+        callbacks:
+            As in `SFTTrainer`.
+        optimizers:
+            As in `SFTTrainer`.
+        optimizer_cls_and_kwargs:
+            As in `SFTTrainer`.
+        preprocess_logits_for_metrics:
+            As in `SFTTrainer`.
+        quantization_config:
+            As in `SFTTrainer`.
+        peft_config:
+            As in `SFTTrainer`.
+        formatting_func:
             As in `SFTTrainer`.
         compute_loss_func (`Callable`, *optional*):
             Not supported (the loss is the distillation loss): passing one raises a `ValueError`.
@@ -337,24 +357,44 @@ class DistillationTrainer(SFTTrainer):
         model_name: str | None = None,
         dataset_name: str | None = None,
         tags: str | list[str] | None = None,
+        *,
+        output_dir: str | None = None,
     ) -> None:
-        """Write `README.md` in `output_dir`: the teacher, the student's origin and the distillation settings.
+        """Write `README.md` and the `training_curves.png` plot into `output_dir`: the teacher, the student's origin,
+        the distillation settings, the evaluation metrics (also as a `model-index`), the command that started the
+        run and the library versions.
+
+        Called with every checkpoint and by `save_model` (so the final save has a card too); `dataset_name` and
+        `tags` given once are remembered for the cards written later. Override it to change or skip the card.
 
         Args:
-            model_name (`str`, *optional*): Name of the model (default: the output folder's name).
-            dataset_name (`str`, *optional*): Name of the training dataset.
+            model_name (`str`, *optional*): Name of the model (default: the last part of `hub_model_id`, else the
+                output folder's name).
+            dataset_name (`str`, *optional*): Hub id of the training dataset (`datasets` metadata).
             tags (`str` or `list[str]`, *optional*): Extra tags.
+            output_dir (`str`, *optional*): Folder to write into (default: `args.output_dir`).
         """
         if not self.is_world_process_zero():
             return
-        tags = [tags] if isinstance(tags, str) else list(tags or [])
-        card = build_model_card(
-            model_name=model_name or os.path.basename(os.path.normpath(self.args.output_dir)),
-            student_name_or_path=getattr(unwrap_peft(self.model).config, "_name_or_path", None),
-            teacher_name_or_path=self._teacher_name_or_path,
-            args=self.args,
-            distill_vocab_size=self.distill_vocab_size,
-            dataset_name=dataset_name,
-            tags=[*self._tag_names, *tags],
+        if dataset_name is not None:
+            self._card_dataset_name = dataset_name
+        if tags is not None:
+            self._card_tags = [tags] if isinstance(tags, str) else list(tags)
+        if model_name is None:
+            hub_model_id = self.args.hub_model_id
+            model_name = hub_model_id.split("/")[-1] if hub_model_id else None
+        model_tags = getattr(unwrap_peft(self.model), "model_tags", None) or []
+        write_model_card(
+            self,
+            output_dir or self.args.output_dir,
+            model_name=model_name,
+            dataset_name=getattr(self, "_card_dataset_name", None),
+            tags=[*self._tag_names, *model_tags, *getattr(self, "_card_tags", [])],
         )
-        card.save(os.path.join(self.args.output_dir, "README.md"))
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the student as `Trainer.save_model` does, then write its model card and training-curves plot beside
+        it (main process only; checkpoints get one too)."""
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if self.args.should_save:
+            self.create_model_card(output_dir=output_dir or self.args.output_dir)

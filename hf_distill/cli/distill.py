@@ -1,0 +1,399 @@
+"""`hf-distill distill`: distil a teacher into a student from the command line, TRL style (`trl sft` conventions).
+
+Every field of [`DistillationConfig`] (so every `SFTConfig` / `TrainingArguments` field), of TRL's `ScriptArguments`
+(`--dataset_name`, splits), `ModelConfig` (`--model_name_or_path`, PEFT/LoRA, quantization) and
+`DatasetMixtureConfig` (a `datasets:` mixture in YAML) is a flag, parsed by TRL's own `TrlParser`:
+
+    hf-distill distill --config recipe.yaml --temperature 2.0
+
+`--config` reads a YAML recipe (keys are flag names; an optional `env:` block sets environment variables first);
+flags given on the command line override the recipe. `--accelerate_config NAME|PATH` relaunches the same command
+under `accelerate launch` with one of TRL's presets (`single_gpu`, `multi_gpu`, `fsdp1`, `fsdp2`, `zero1`, `zero2`,
+`zero3`) or a config file; other `accelerate launch` flags (`--num_processes 2`, `--mixed_precision no`, ...) pass
+through. Bad input ends the command with one line on stderr (`hf-distill distill: error: ...`) and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["LAUNCHED_ENV", "CliError", "add_parser", "make_parser", "resolve_accelerate_config", "run", "train"]
+
+PROG = "hf-distill distill"
+"""Program name used in help and error messages."""
+
+LAUNCHED_ENV = "HF_DISTILL_ACCELERATE_LAUNCHED"
+"""Environment variable set for the processes that `--accelerate_config` starts, so that they do not relaunch."""
+
+ACCELERATE_PRESETS_PACKAGE = "trl.accelerate_configs"
+"""Package whose `<name>.yaml` files are the `--accelerate_config` presets (TRL's own, reused as they are)."""
+
+
+class CliError(Exception):
+    """Bad input to `hf-distill distill`: printed as one line on stderr, exit code 2."""
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the `distill` sub-command to `subparsers`. Its flags are parsed later, by TRL's parser (see [`run`])."""
+    parser = subparsers.add_parser(
+        "distill",
+        help="Distil a teacher into a student: every DistillationConfig field is a flag; --config recipe.yaml.",
+        description="See `hf-distill distill --help`.",
+        add_help=False,
+    )
+    # The flags come from the dataclasses, which need torch to import: `main` hands over the raw arguments instead.
+    parser.set_defaults(handler=run, raw_arguments=True)
+    return parser
+
+
+def _dataclass_types() -> tuple:
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments
+
+    from hf_distill import DistillationConfig
+
+    return (ScriptArguments, DistillationConfig, ModelConfig, DatasetMixtureConfig)
+
+
+def make_parser(prog: str = PROG):
+    """The `TrlParser` of `hf-distill distill`: `(ScriptArguments, DistillationConfig, ModelConfig,
+    DatasetMixtureConfig)`, plus `--config` and `--accelerate_config`; its errors raise [`CliError`]."""
+    from trl import TrlParser
+
+    class DistillParser(TrlParser):
+        def error(self, message: str):  # argparse prints usage and exits; one line is enough here
+            raise CliError(message)
+
+    parser = DistillParser(
+        _dataclass_types(),
+        prog=prog,
+        usage=f"{prog} [--config YAML] [--accelerate_config NAME|PATH] [--FLAG VALUE ...]",
+        allow_abbrev=False,
+        description=(
+            "Distil a teacher into a student with DistillationTrainer (an SFTTrainer). Every field of "
+            "DistillationConfig/SFTConfig/TrainingArguments, TRL's ScriptArguments and ModelConfig is a flag. "
+            'Dict fields take JSON strings, e.g. --teacher_model_init_kwargs \'{"dtype": "bfloat16"}\'.'
+        ),
+        epilog=(
+            "Precedence: flags > --config recipe.yaml > defaults. Unknown flags and unknown recipe keys are errors, "
+            "except with --accelerate_config, where they go to `accelerate launch` (e.g. --num_processes 2)."
+        ),
+    )
+    group = parser.add_argument_group("recipe and launch")
+    group.add_argument(
+        "--config",
+        metavar="YAML",
+        default=None,
+        help="YAML recipe: keys are flag names; an optional `env:` mapping sets environment variables. Flags given "
+        "on the command line override it.",
+    )
+    group.add_argument(
+        "--accelerate_config",
+        metavar="NAME|PATH",
+        default=None,
+        help="Relaunch this command under `accelerate launch` with a preset (single_gpu, multi_gpu, fsdp1, fsdp2, "
+        "zero1, zero2, zero3: TRL's) or an accelerate config file. Unknown flags are passed to `accelerate launch`.",
+    )
+    for action in parser._actions:
+        if action.dest == "dataset_name":
+            action.help = (
+                "Hub dataset id, or a local directory or .json/.jsonl/.parquet/.csv/.txt/.arrow file (a single file "
+                "is the `train` split). If `datasets` is provided, this is ignored."
+            )
+        elif action.dest == "teacher_model_name_or_path":
+            action.help = "Name or local path of the teacher model (required)."
+        elif action.dest == "model_name_or_path":
+            action.help = "Name or local path of the student model (required)."
+    return parser
+
+
+def _print_error(message: str) -> None:
+    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def _split_equals(argv: list[str], flag: str) -> list[str]:
+    """`--flag=value` as two tokens (TRL's parser only finds `--config value`)."""
+    out: list[str] = []
+    for token in argv:
+        if token.startswith(flag + "="):
+            out += [flag, token[len(flag) + 1 :]]
+        else:
+            out.append(token)
+    return out
+
+
+def _read_recipe(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
+    """Path and content of the `--config` recipe (before any heavy import), with its `env:` block applied."""
+    if "--config" not in argv:
+        return None, {}
+    index = argv.index("--config")
+    if index + 1 >= len(argv) or argv[index + 1].startswith("--"):
+        raise CliError("argument --config: expected a YAML file")
+    path = argv[index + 1]
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            recipe = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise CliError(f"config file {path!r} does not exist") from None
+    except OSError as error:
+        raise CliError(f"cannot read config file {path!r}: {error}") from None
+    except yaml.YAMLError as error:
+        raise CliError(f"config file {path!r} is not valid YAML: {error}") from None
+    if recipe is None:
+        recipe = {}
+    if not isinstance(recipe, dict):
+        raise CliError(f"config file {path!r} must be a YAML mapping of flag names to values")
+    env = recipe.get("env", {})
+    if not isinstance(env, dict):
+        raise CliError(f"config file {path!r}: `env` must be a mapping of variable names to values")
+    for key, value in env.items():
+        os.environ[str(key)] = str(value)
+    return path, recipe
+
+
+def resolve_accelerate_config(name_or_path: str) -> str:
+    """Path of an accelerate config: an existing file, or the name of one of TRL's presets (`multi_gpu`, ...)."""
+    import importlib.resources as resources
+
+    if Path(name_or_path).is_file():
+        return name_or_path
+    presets = resources.files(ACCELERATE_PRESETS_PACKAGE)
+    candidate = presets.joinpath(f"{name_or_path}.yaml")
+    if not candidate.is_file():
+        names = sorted(p.name[: -len(".yaml")] for p in presets.iterdir() if p.name.endswith(".yaml"))
+        raise CliError(
+            f"argument --accelerate_config: {name_or_path!r} is neither a file nor a preset ({', '.join(names)})"
+        )
+    return str(candidate)
+
+
+def _recipe_to_flags(keys: dict[str, Any]) -> list[str]:
+    """Recipe keys for `accelerate launch` as flags (`true` is a bare switch, `false` is left out)."""
+    flags: list[str] = []
+    for key, value in keys.items():
+        if value is True:
+            flags.append(f"--{key}")
+        elif value is not False and value is not None:
+            flags += [f"--{key}", str(value)]
+    return flags
+
+
+def _without(argv: list[str], removed: list[str]) -> list[str]:
+    """`argv` without the ordered subsequence `removed` (the tokens `accelerate launch` takes)."""
+    it = iter(removed)
+    current = next(it, None)
+    kept = []
+    for token in argv:
+        if current is not None and token == current:
+            current = next(it, None)
+        else:
+            kept.append(token)
+    return kept
+
+
+def _drop_flag(argv: list[str], flag: str) -> list[str]:
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == flag:
+            skip = True
+        else:
+            out.append(token)
+    return out
+
+
+def _launch(argv: list[str], accelerate_config: str, recipe_extras: dict[str, Any], cli_remaining: list[str]) -> int:
+    import subprocess
+
+    from accelerate.commands.launch import launch_command, launch_command_parser
+
+    launch_args = ["--config_file", resolve_accelerate_config(accelerate_config)]
+    launch_args += _recipe_to_flags(recipe_extras) + cli_remaining
+    script_args = _drop_flag(_without(argv, cli_remaining), "--accelerate_config")
+    launch_parser = launch_command_parser()
+
+    def launch_error(message: str):
+        raise CliError(f"accelerate launch: {message}")
+
+    launch_parser.error = launch_error
+    accelerate_args = launch_parser.parse_args(
+        [*launch_args, "--module", "hf_distill.cli.main", "distill", *script_args]
+    )
+    previous = os.environ.get(LAUNCHED_ENV)
+    os.environ[LAUNCHED_ENV] = "1"
+    try:
+        launch_command(accelerate_args)
+    except subprocess.CalledProcessError as error:
+        _print_error(f"the launched training exited with code {error.returncode} (its output is above)")
+        return error.returncode or 1
+    except ValueError as error:  # accelerate's own checks of the launch configuration
+        raise CliError(f"accelerate launch: {error}") from None
+    except Exception as error:  # torch.distributed's ChildFailedError and friends: the workers printed the cause
+        _print_error(f"the launched training failed ({type(error).__name__}; the workers' output is above)")
+        return 1
+    finally:
+        if previous is None:
+            os.environ.pop(LAUNCHED_ENV, None)
+        else:
+            os.environ[LAUNCHED_ENV] = previous
+    return 0
+
+
+def _check_required(script_args, training_args, model_args, dataset_args) -> None:
+    from hf_distill.data import looks_like_local_path
+
+    if not model_args.model_name_or_path:
+        raise CliError("the following arguments are required: --model_name_or_path (the student)")
+    if not training_args.teacher_model_name_or_path:
+        raise CliError("the following arguments are required: --teacher_model_name_or_path (the teacher)")
+    if not script_args.dataset_name and not dataset_args.datasets:
+        raise CliError("the following arguments are required: --dataset_name (or a `datasets:` list in the recipe)")
+    name = script_args.dataset_name
+    if (
+        name
+        and not dataset_args.datasets
+        and looks_like_local_path(name)
+        and not os.path.exists(os.path.expanduser(name))
+    ):
+        raise CliError(f"argument --dataset_name: dataset path {name!r} does not exist (no such file or directory)")
+
+
+def run(argv: list[str]) -> int:
+    """Run `hf-distill distill` with `argv` (the arguments after `distill`); returns the exit code.
+
+    `--help` prints every flag with its default and exits (`SystemExit(0)`); bad input prints one line on stderr
+    and returns 2. Errors raised while training itself runs keep their traceback.
+    """
+    try:
+        return _run(list(argv))
+    except CliError as error:
+        _print_error(str(error))
+        return 2
+
+
+def _run(argv: list[str]) -> int:
+    argv = _split_equals(_split_equals(argv, "--config"), "--accelerate_config")
+    recipe_path, recipe = _read_recipe(argv)  # env: block first, before torch or the Hub client are imported
+    parser = make_parser()
+    known = {action.dest for action in parser._actions} | {"env"}
+    recipe_extras = {key: value for key, value in recipe.items() if key not in known}
+    try:
+        *outputs, namespace, _, cli_remaining = parser.parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True
+        )
+    except ValueError as error:  # a dataclass's __post_init__ refused a value
+        raise CliError(str(error)) from None
+    script_args, training_args, model_args, dataset_args = outputs
+    # started by our own relaunch, or by `accelerate launch` / `torchrun` directly: never launch again
+    launched = os.environ.get(LAUNCHED_ENV) == "1" or "LOCAL_RANK" in os.environ or "ACCELERATE_USE_CPU" in os.environ
+    accelerate_config = namespace.accelerate_config
+    if not launched and not accelerate_config:
+        if recipe_extras:
+            raise CliError(
+                f"unknown key{'s' if len(recipe_extras) > 1 else ''} in {recipe_path}: "
+                f"{', '.join(map(str, recipe_extras))} (see `{PROG} --help` for the valid ones)"
+            )
+        if cli_remaining:
+            raise CliError(f"unrecognized arguments: {' '.join(cli_remaining)}")
+    elif launched and cli_remaining:
+        raise CliError(f"unrecognized arguments: {' '.join(cli_remaining)}")
+    _check_required(script_args, training_args, model_args, dataset_args)
+    if accelerate_config and not launched:
+        return _launch(argv, accelerate_config, recipe_extras, cli_remaining)
+    train(script_args, training_args, model_args, dataset_args)
+    return 0
+
+
+def _load_dataset(script_args, dataset_args):
+    from trl import get_dataset
+
+    from hf_distill.data import load_dataset_by_name
+
+    if dataset_args.datasets:
+        if script_args.dataset_name:
+            print(f"{PROG}: the recipe's `datasets` list is used; --dataset_name is ignored", file=sys.stderr)
+        return get_dataset(dataset_args)
+    return load_dataset_by_name(
+        script_args.dataset_name, config=script_args.dataset_config, streaming=script_args.dataset_streaming
+    )
+
+
+def _split(dataset, split: str, flag: str):
+    if split not in dataset:
+        raise CliError(
+            f"argument {flag}: the dataset has no split {split!r} (its splits: {', '.join(map(str, dataset))})"
+        )
+    return dataset[split]
+
+
+def train(script_args, training_args, model_args, dataset_args):
+    """Load the dataset, student and teacher, distil, save: the body of TRL's `sft.py`, for `DistillationTrainer`.
+
+    Args:
+        script_args (`trl.ScriptArguments`): dataset name, configuration and splits.
+        training_args ([`DistillationConfig`]): the training and distillation configuration.
+        model_args (`trl.ModelConfig`): the student (`model_name_or_path`, dtype, PEFT, quantization).
+        dataset_args (`trl.DatasetMixtureConfig`): a mixture of datasets; when set, `dataset_name` is ignored.
+
+    Returns:
+        [`DistillationTrainer`]: the trainer, after training and saving.
+
+    Raises:
+        CliError: For bad input found while loading (dataset, splits, models, a teacher that does not fit).
+    """
+    import transformers
+    from packaging.version import Version
+    from trl import get_peft_config, get_quantization_config
+
+    from hf_distill import DistillationTrainer
+
+    model_init_kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    if training_args.model_init_kwargs is not None:
+        model_init_kwargs.update(training_args.model_init_kwargs)
+    training_args.model_init_kwargs = model_init_kwargs
+
+    try:  # set-up: bad input is reported in one line; errors while training keep their traceback
+        dataset = _load_dataset(script_args, dataset_args)
+        train_dataset = _split(dataset, script_args.dataset_train_split, "--dataset_train_split")
+        eval_dataset = None
+        if training_args.eval_strategy != "no":
+            eval_dataset = _split(dataset, script_args.dataset_test_split, "--dataset_test_split")
+        trainer = DistillationTrainer(
+            model=model_args.model_name_or_path,
+            teacher_model=training_args.teacher_model_name_or_path,
+            args=training_args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            quantization_config=get_quantization_config(model_args),
+            peft_config=get_peft_config(model_args),
+        )
+    except (ValueError, OSError) as error:
+        raise CliError(str(error)) from None
+
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.accelerator.print("✅ Training completed.")
+    trainer.save_model(training_args.output_dir)
+    trainer.save_state()
+    trainer.accelerator.print(f"💾 Model saved to {training_args.output_dir}.")
+
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        trainer.accelerator.print(f"🤗 Model pushed to the Hub in https://huggingface.co/{trainer.hub_model_id}.")
+
+    if Version(transformers.__version__) >= Version("5.18.0"):
+        # every process waits for the main one to finish saving first: a process group torn down while its peer
+        # has already exited can hang in gloo's destructor
+        trainer.accelerator.wait_for_everyone()
+        trainer.end()  # finish the trackers and destroy the process group
+    return trainer
