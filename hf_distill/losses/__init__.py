@@ -1,13 +1,6 @@
 """Pure loss functions: per-token divergences and the token-chunked distillation loss. No Trainer inside."""
 
-from .chunked import (
-    DenseTeacher,
-    DistillationLossOutput,
-    HiddenStateTeacher,
-    TeacherLogits,
-    auto_chunk_size,
-    chunked_distillation_loss,
-)
+from .chunked import DistillationLossOutput, auto_chunk_size, chunked_distillation_loss
 from .divergences import (
     DIVERGENCE_NAMES,
     forward_kl,
@@ -20,6 +13,7 @@ from .divergences import (
     total_variation,
 )
 from .lm_head import LMHead
+from .teacher_logits import DenseTeacher, HiddenStateTeacher, TeacherLogits
 
 __all__ = [
     "DIVERGENCE_NAMES",
