@@ -34,6 +34,7 @@ from .teachers.live import (
     teacher_init_kwargs,
     try_load_tokenizer,
 )
+from .teachers.placement import place_teacher, teacher_lm_head
 from .teachers.vocab import check_teacher_can_read, resolve_distill_vocab_size, teacher_input_limit
 
 __all__ = ["DistillationTrainer", "check_dataset_columns"]
@@ -186,7 +187,7 @@ class DistillationTrainer(SFTTrainer):
             teacher_config=getattr(teacher_model, "config", None),
         )
         self._teacher_input_limit = teacher_input_limit(teacher_model, teacher_tokenizer, unwrap_peft(self.model))
-        self.teacher_model = self._place_teacher(freeze(teacher_model))
+        self.teacher_model = place_teacher(freeze(teacher_model), self.accelerator, args.teacher_device)
 
     @staticmethod
     def _coerce_args(args: Any, model: Any) -> DistillationConfig:
@@ -203,15 +204,6 @@ class DistillationTrainer(SFTTrainer):
                     values[name] = getattr(args, name)
             return DistillationConfig(**values)
         raise TypeError(f"`args` must be a DistillationConfig, got {type(args).__name__}.")
-
-    def _place_teacher(self, teacher: nn.Module) -> nn.Module:
-        if self.args.teacher_device is not None:
-            return teacher.to(self.args.teacher_device)
-        if self.is_deepspeed_enabled:
-            from trl.models import prepare_deepspeed
-
-            return prepare_deepspeed(teacher, self.accelerator)
-        return self.accelerator.prepare_model(teacher, evaluation_mode=True)
 
     # The loss ------------------------------------------------------------------------------------------------------
 
@@ -279,7 +271,7 @@ class DistillationTrainer(SFTTrainer):
             result = chunked_distillation_loss(
                 student_hidden[mask].to(device),
                 student_head,
-                HiddenStateTeacher(teacher_hidden[mask.to(teacher_hidden.device)], LMHead.from_model(teacher), device),
+                HiddenStateTeacher(teacher_hidden[mask.to(teacher_hidden.device)], teacher_lm_head(teacher), device),
                 targets.to(student_hidden.device)[mask].to(device),
                 divergence=args.divergence,
                 temperature=args.temperature,

@@ -54,3 +54,59 @@ def test_mixed_precision_training_on_cuda(tmp_path, precision):
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
+
+
+def test_fsdp2_preset_one_process_matches_plain_run(tmp_path):
+    """`--accelerate_config fsdp2` on one GPU: student sharded by accelerate, teacher by `fully_shard_teacher`, both on
+    the GPU; the same losses and weights as a run without FSDP (float32, one process: the shards are whole)."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    tokenizer = make_tokenizer()
+    student, teacher = make_model(len(tokenizer), seed=1), make_model(len(tokenizer), hidden_size=48, seed=2)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(8)
+    for model, name in ((student, "student"), (teacher, "teacher")):
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    with open(tmp_path / "train.jsonl", "w") as f:
+        for text in lm_dataset(12)["text"]:
+            f.write(json.dumps({"text": text}) + "\n")
+    common = [
+        "distill", "--model_name_or_path", str(tmp_path / "student"),
+        "--teacher_model_name_or_path", str(tmp_path / "teacher"), "--dataset_name", str(tmp_path / "train.jsonl"),
+        "--max_steps", "3", "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--optim", "sgd",
+        "--learning_rate", "0.5", "--lr_scheduler_type", "constant", "--max_grad_norm", "0", "--alpha", "0.3",
+        "--temperature", "2.0", "--bf16", "False", "--attn_implementation", "eager",
+        "--per_device_train_batch_size", "4",
+    ]  # fmt: skip
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).parent.parent))
+    runs = {
+        "plain": [*common, "--output_dir", str(tmp_path / "plain")],
+        "fsdp2": [*common, "--output_dir", str(tmp_path / "fsdp2"), "--accelerate_config", "fsdp2",
+                  "--num_processes", "1", "--mixed_precision", "no", "--main_process_port", str(port)],
+    }  # fmt: skip
+    for name, argv in runs.items():
+        result = subprocess.run(
+            [sys.executable, "-m", "hf_distill.cli.main", *argv], capture_output=True, text=True, env=env, timeout=300
+        )
+        assert result.returncode == 0, f"{name}:\n{result.stderr[-4000:]}"
+    logs = {
+        name: [log["loss"] for log in json.loads((tmp_path / name / "trainer_state.json").read_text())["log_history"]
+               if "loss" in log]
+        for name in runs
+    }  # fmt: skip
+    torch.testing.assert_close(torch.tensor(logs["fsdp2"]), torch.tensor(logs["plain"]), rtol=1e-4, atol=1e-6)
+    plain = load_file(tmp_path / "plain" / "model.safetensors")
+    fsdp2 = load_file(tmp_path / "fsdp2" / "model.safetensors")
+    for key, value in plain.items():
+        torch.testing.assert_close(fsdp2[key].float(), value.float(), rtol=1e-4, atol=1e-5)
