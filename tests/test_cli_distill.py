@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import lm_dataset, make_model, make_tokenizer
+from tiny import lm_dataset, make_model, make_tokenizer, subprocess_env
 
 from hf_distill.cli.main import main
 
@@ -59,7 +59,7 @@ def _losses(output_dir: Path) -> list[float]:
 
 
 def _env() -> dict[str, str]:
-    return dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), CI="true")
+    return subprocess_env(OMP_NUM_THREADS="1", CI="true")
 
 
 def test_recipe_with_flag_overrides(tmp_path, assets, monkeypatch):

@@ -308,8 +308,8 @@ def test_quick_demo_saved_student_matches_in_memory(tmp_path):
     batch = tokenizer(["12+34=\n0012+0034", "999+1="], return_tensors="pt", padding=True)
     student.eval()
     with torch.no_grad():
-        expected = student(**batch).logits
-        actual = reloaded(**batch).logits
+        expected = student(**batch.to(student.device)).logits.cpu()
+        actual = reloaded(**batch.to(reloaded.device)).logits
     torch.testing.assert_close(actual, expected)
     # the teacher was saved too, and the distilled student learned something from it
     AutoModelForCausalLM.from_pretrained(results["teacher_dir"])

@@ -86,7 +86,7 @@ def test_mixed_precision_autocast_reaches_student_and_teacher(tmp_path, precisio
     assert ours_loss == pytest.approx(sft.state.log_history[0]["loss"], rel=2e-3)
     fp32 = DistillationTrainer(
         model=copy.deepcopy(student), teacher_model=teacher,
-        args=config(tmp_path / "fp32", alpha=1.0, max_steps=1, learning_rate=0.0),
+        args=config(tmp_path / "fp32", alpha=1.0, max_steps=1, learning_rate=0.0, use_cpu=True),
         train_dataset=lm_dataset(), processing_class=tokenizer,
     )  # fmt: skip
     fp32.train()

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -91,7 +92,9 @@ def test_example_under_accelerate_launch(tmp_path):
     out = tmp_path / "out"
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch",
-        "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu",
+        "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        # `--cpu` on a GPU machine would put the model on the CPU while TrainingArguments picks the GPU
+        *([] if torch.cuda.is_available() else ["--cpu"]),
         str(EXAMPLES / "chat_distill.py"), "--tiny", "--max-steps", "6", "--output-dir", str(out),
     ]  # fmt: skip
     summary = _run(cmd, tmp_path)

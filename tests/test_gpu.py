@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_trainer import config, peaky_teacher
-from tiny import lm_dataset, make_model, make_tokenizer
+from tiny import lm_dataset, make_model, make_tokenizer, subprocess_env
 
 from hf_distill import DistillationTrainer
 from hf_distill.losses import HiddenStateTeacher, LMHead, chunked_distillation_loss, token_divergence
@@ -60,11 +60,9 @@ def test_fsdp2_preset_one_process_matches_plain_run(tmp_path):
     """`--accelerate_config fsdp2` on one GPU: student sharded by accelerate, teacher by `fully_shard_teacher`, both on
     the GPU; the same losses and weights as a run without FSDP (float32, one process: the shards are whole)."""
     import json
-    import os
     import socket
     import subprocess
     import sys
-    from pathlib import Path
 
     from safetensors.torch import load_file
 
@@ -89,7 +87,7 @@ def test_fsdp2_preset_one_process_matches_plain_run(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).parent.parent))
+    env = subprocess_env()
     runs = {
         "plain": [*common, "--output_dir", str(tmp_path / "plain")],
         "fsdp2": [*common, "--output_dir", str(tmp_path / "fsdp2"), "--accelerate_config", "fsdp2",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 import trl.scripts.sft
 from safetensors.torch import load_file
 from sft_port import port_sft_script
-from tiny import lm_dataset, make_model, make_tokenizer
+from tiny import lm_dataset, make_model, make_tokenizer, subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,7 +44,7 @@ def _run(script: Path, student_dir, teacher_dir, data_dir, output_dir) -> subpro
         "--logging_steps", "1", "--save_strategy", "no", "--max_length", "32",
         "--divergence", "reverse_kl", "--temperature", "2.0", "--alpha", "0.2",
     ]  # fmt: skip
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), CI="true")
+    env = subprocess_env(CI="true")
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate.utils import DistributedType
-from tiny import make_model
+from tiny import make_model, subprocess_env
 
 from hf_distill.teachers.placement import fully_shard_teacher, place_teacher
 
@@ -20,7 +19,7 @@ HERE = Path(__file__).parent
 
 
 def test_fsdp2_sharded_teacher_gives_the_same_loss_and_keeps_layers_sharded(tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))
+    env = subprocess_env(OMP_NUM_THREADS="1")
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29544",
          str(HERE / "fsdp_teacher_worker.py"), str(tmp_path)],

@@ -97,3 +97,11 @@ def conversational_dataset(n: int = 8, seed: int = 0) -> Dataset:
             ]
         }
     )
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a test's subprocess: offline, the repository first on `PYTHONPATH` (keeping what is there,
+    e.g. packages installed with `--target`), plus `extra`."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=path, **extra)

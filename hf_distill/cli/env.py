@@ -111,6 +111,12 @@ def collect_env() -> dict[str, str]:
         "Python version": platform.python_version(),
     }
     info.update({f"{name} version": _version(name) for name in PACKAGES})
+    try:  # the build tag (+cu130, +cpu) tells which build a bug report is about; metadata may leave it out
+        import torch
+
+        info["torch version"] = torch.__version__
+    except ImportError:
+        pass
     info.update(_devices())
     info["Accelerate default config"] = _accelerate_config()
     info["HF_HUB_OFFLINE"] = os.environ.get("HF_HUB_OFFLINE", "unset")
