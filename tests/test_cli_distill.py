@@ -59,7 +59,8 @@ def _losses(output_dir: Path) -> list[float]:
 
 
 def _env() -> dict[str, str]:
-    return subprocess_env(OMP_NUM_THREADS="1", CI="true")
+    # CPU runs (DDP over gloo) even where a GPU is: a second process would look for a second GPU
+    return subprocess_env(OMP_NUM_THREADS="1", CI="true", CUDA_VISIBLE_DEVICES="")
 
 
 def test_recipe_with_flag_overrides(tmp_path, assets, monkeypatch):

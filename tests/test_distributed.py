@@ -15,7 +15,7 @@ HERE = Path(__file__).parent
 
 
 def _run(cmd: list[str]) -> None:
-    env = subprocess_env(OMP_NUM_THREADS="1")
+    env = subprocess_env(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # DDP over gloo on CPUs
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
 

@@ -19,7 +19,7 @@ HERE = Path(__file__).parent
 
 
 def test_fsdp2_sharded_teacher_gives_the_same_loss_and_keeps_layers_sharded(tmp_path):
-    env = subprocess_env(OMP_NUM_THREADS="1")
+    env = subprocess_env(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # gloo on CPUs
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29544",
          str(HERE / "fsdp_teacher_worker.py"), str(tmp_path)],
