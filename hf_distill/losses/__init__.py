@@ -13,6 +13,7 @@ from .divergences import (
     total_variation,
 )
 from .lm_head import LMHead
+from .sparse import SPARSE_TARGET_MODES, TopKTeacher, rest_log_prob_from_top_k
 from .teacher_logits import DenseTeacher, HiddenStateTeacher, TeacherLogits
 
 __all__ = [
@@ -21,12 +22,15 @@ __all__ = [
     "DistillationLossOutput",
     "HiddenStateTeacher",
     "LMHead",
+    "SPARSE_TARGET_MODES",
     "TeacherLogits",
+    "TopKTeacher",
     "auto_chunk_size",
     "chunked_distillation_loss",
     "forward_kl",
     "generalized_jsd",
     "get_divergence",
+    "rest_log_prob_from_top_k",
     "reverse_kl",
     "skew_kl",
     "skew_reverse_kl",

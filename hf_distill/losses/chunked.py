@@ -21,6 +21,7 @@ from torch.autograd.function import once_differentiable
 
 from .divergences import divergence_and_grad
 from .lm_head import LMHead
+from .sparse import TopKTeacher, check_top_k_teacher, sparse_divergence_and_grad
 from .teacher_logits import TeacherLogits, select_teacher_rows
 
 DEFAULT_TILE_BYTES = 64 * 2**20
@@ -67,7 +68,7 @@ class DistillationLossOutput:
 @dataclass
 class _Job:
     head: LMHead
-    teacher: TeacherLogits
+    teacher: TeacherLogits | TopKTeacher
     labels: torch.Tensor | None  # every label is scored (no -100): ignored rows are dropped before
     divergence: str
     temperature: float
@@ -79,6 +80,7 @@ class _Job:
     chunk_size: int
     label_smoothing: float = 0.0
     ce_loss_type: str = "nll"
+    sparse_targets: str | None = None  # the mode with a `TopKTeacher`, None with dense logits
     stats: dict = field(default_factory=dict)
 
     def run(
@@ -107,20 +109,41 @@ class _Job:
             rows = student.shape[-1]
             full = v == rows
             compared = student if full else student[:, :v]
-            teacher = self.teacher.logits(start, end)
             s_log_probs = torch.log_softmax(compared / t if t != 1.0 else compared, dim=-1)
-            t_log_probs = torch.log_softmax(teacher[:, :v] / t if t != 1.0 else teacher[:, :v], dim=-1)
             s_probs = s_log_probs.exp()
-            values, grad = divergence_and_grad(
-                self.divergence, s_log_probs, t_log_probs, s_probs, self.beta, self.skew_alpha
-            )
+            if self.sparse_targets is None:
+                teacher = self.teacher.logits(start, end)[:, :v]
+                t_log_probs = torch.log_softmax(teacher / t if t != 1.0 else teacher, dim=-1)
+                values, grad = divergence_and_grad(
+                    self.divergence, s_log_probs, t_log_probs, s_probs, self.beta, self.skew_alpha
+                )
+                teacher_top1 = teacher.argmax(-1)
+                if want_grad and kd_scale:  # dD/du = G - p * sum(G), u = z / T
+                    grad.sub_(s_probs * grad.sum(-1, keepdim=True))
+                del t_log_probs, teacher
+            else:  # top-k targets: values and dD/du from the [n, k] teacher tile (see `sparse_divergence_and_grad`)
+                ids, t_log_probs, t_rest = self.teacher.rows(start, end, device)
+                values, grad = sparse_divergence_and_grad(
+                    self.sparse_targets,
+                    self.divergence,
+                    s_log_probs,
+                    s_probs,
+                    ids,
+                    t_log_probs,
+                    t_rest,
+                    self.beta,
+                    self.skew_alpha,
+                    need_grad=want_grad and bool(kd_scale),
+                )
+                teacher_top1 = ids.gather(-1, t_log_probs.argmax(-1, keepdim=True)).squeeze(-1)
+                del ids, t_log_probs, t_rest
             distill_sum += values.sum().double()
             student_top1 = compared.argmax(-1)
-            agree += (student_top1 == teacher[:, :v].argmax(-1)).sum()
-            del t_log_probs, teacher, values
+            agree += (student_top1 == teacher_top1).sum()
+            del values, teacher_top1
             if want_grad:
-                if kd_scale:  # dD/du = G - p * sum(G), u = z / T
-                    grad.sub_(s_probs * grad.sum(-1, keepdim=True)).mul_(kd_scale)
+                if kd_scale:
+                    grad.mul_(kd_scale)
                     if not full:
                         grad = torch.cat([grad, grad.new_zeros(grad.shape[0], rows - v)], dim=-1)
                 else:  # alpha = 1: the divergence is only logged (and its gradient, maybe not finite, unused)
@@ -226,7 +249,7 @@ def auto_chunk_size(num_tokens: int, vocab_rows: int, tile_bytes: int = DEFAULT_
 def chunked_distillation_loss(
     student_hidden: torch.Tensor,
     student_head: LMHead,
-    teacher: TeacherLogits,
+    teacher: TeacherLogits | TopKTeacher,
     labels: torch.Tensor | None = None,
     *,
     divergence: str = "forward_kl",
@@ -239,6 +262,7 @@ def chunked_distillation_loss(
     chunk_size: int | None = None,
     label_smoothing: float = 0.0,
     ce_loss_type: str = "nll",
+    sparse_targets: str = "bucket",
 ) -> DistillationLossOutput:
     """Distillation loss over selected tokens, computed a chunk of tokens at a time.
 
@@ -261,11 +285,18 @@ def chunked_distillation_loss(
     divergence that is infinite by definition (e.g. forward KL with a student logit of `-inf` where the teacher has
     mass) makes the loss `+inf`.
 
+    A [`TopKTeacher`] (the teacher's top-k log-probs, e.g. from a cache) replaces the teacher's logits: the divergence
+    is then taken over `k + 1` buckets (the k ids and the rest, `sparse_targets="bucket"`) or over the k ids
+    renormalised (`"renormalize"`), see [`sparse_divergence_and_grad`]; `temperature` must be the one the log-probs
+    were computed at. The agreement statistic uses the id with the largest teacher log-prob; everything else (CE,
+    accuracy, entropy) only involves the student and is unchanged. With `k = vocab_size` both modes give the dense
+    loss.
+
     Args:
         student_hidden (`torch.Tensor`): Student last hidden states of the tokens to score, shape `[N, H_s]`.
         student_head ([`LMHead`]): The student's LM head.
-        teacher ([`TeacherLogits`]): Source of the teacher's logits for the same `N` tokens, e.g.
-            [`HiddenStateTeacher`].
+        teacher ([`TeacherLogits`] or [`TopKTeacher`]): Source of the teacher's logits for the same `N` tokens, e.g.
+            [`HiddenStateTeacher`], or the teacher's top-k targets for them.
         labels (`torch.Tensor`, *optional*): Next-token labels, shape `[N]`; rows labelled `-100` are ignored (see
             above). Needed when `alpha > 0`; also gives the CE and accuracy statistics.
         divergence (`str`, *optional*, defaults to `"forward_kl"`): One of `DIVERGENCE_NAMES`.
@@ -280,6 +311,8 @@ def chunked_distillation_loss(
         label_smoothing (`float`, *optional*, defaults to `0.0`): Label-smoothing factor of the CE term, in
             `[0, 1]` (see above). Only with `ce_loss_type="nll"`.
         ce_loss_type (`str`, *optional*, defaults to `"nll"`): CE variant, `"nll"` or `"dft"` (see above).
+        sparse_targets (`str`, *optional*, defaults to `"bucket"`): With a [`TopKTeacher`], how the mass outside the
+            top-k is treated: `"bucket"` or `"renormalize"` (see above). Ignored for dense teachers.
 
     Returns:
         [`DistillationLossOutput`]
@@ -287,7 +320,8 @@ def chunked_distillation_loss(
     Raises:
         ValueError: On a `student_hidden` that is not 2-D, `labels` not of shape `[N]`, `alpha > 0` without labels,
             a `vocab_size` larger than either head, an unknown `ce_loss_type`, a `label_smoothing` outside `[0, 1]`,
-            or `label_smoothing > 0` with `ce_loss_type="dft"`.
+            or `label_smoothing > 0` with `ce_loss_type="dft"`; with a [`TopKTeacher`], an unknown `sparse_targets`, a
+            `temperature` other than the teacher's, `k > vocab_size` or a (scored) token id `>= vocab_size`.
     """
     if student_hidden.dim() != 2:
         raise ValueError(f"`student_hidden` must be [tokens, hidden], got shape {tuple(student_hidden.shape)}.")
@@ -329,6 +363,9 @@ def chunked_distillation_loss(
     else:
         normaliser = float(num_items_in_batch.item() if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
         normaliser = max(normaliser, 1.0)
+    sparse = isinstance(teacher, TopKTeacher)
+    if sparse:
+        check_top_k_teacher(teacher, temperature, sparse_targets, int(vocab_size))
     job = _Job(
         head=student_head,
         teacher=teacher,
@@ -343,6 +380,7 @@ def chunked_distillation_loss(
         chunk_size=int(chunk_size) if chunk_size else auto_chunk_size(n_tokens, student_head.vocab_rows),
         label_smoothing=float(label_smoothing),
         ce_loss_type=ce_loss_type,
+        sparse_targets=sparse_targets if sparse else None,
     )
     if not torch.is_grad_enabled():  # evaluation: `needs_input_grad` ignores the grad mode, so skip the function
         loss, _ = job.run(student_hidden, (False, False, False))

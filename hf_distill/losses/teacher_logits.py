@@ -13,6 +13,7 @@ from typing import Protocol
 import torch
 
 from .lm_head import LMHead
+from .sparse import TopKTeacher
 
 
 class TeacherLogits(Protocol):
@@ -90,8 +91,10 @@ class _RowSubsetTeacher:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def select_teacher_rows(teacher: TeacherLogits, index: torch.Tensor) -> TeacherLogits:
-    """The teacher's rows `index` (sorted ascending) as a teacher of `len(index)` rows."""
+def select_teacher_rows(teacher: TeacherLogits | TopKTeacher, index: torch.Tensor) -> TeacherLogits | TopKTeacher:
+    """The teacher's rows `index` (sorted ascending) as a teacher of `len(index)` rows (`TopKTeacher` too)."""
+    if isinstance(teacher, TopKTeacher):
+        return teacher.select_rows(index)
     if type(teacher) is HiddenStateTeacher:
         hidden = teacher.hidden.index_select(0, index.to(teacher.hidden.device))
         return HiddenStateTeacher(hidden, teacher.head, teacher.device)
