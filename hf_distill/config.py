@@ -8,7 +8,10 @@ from typing import Any
 
 from trl import SFTConfig
 
+from .config_signals import TeacherSignalFields
 from .losses.divergences import DIVERGENCE_NAMES
+
+DEFAULT_BETA = 0.5
 
 
 def check_device_exists(device: str, name: str) -> None:
@@ -50,7 +53,7 @@ def _accelerator_supports_bf16() -> bool:
 
 
 @dataclass
-class DistillationConfig(SFTConfig):
+class DistillationConfig(TeacherSignalFields, SFTConfig):
     r"""Configuration for [`DistillationTrainer`]: an [`~trl.SFTConfig`] plus the distillation parameters.
 
     Everything `SFTConfig` accepts works unchanged (dataset formats, packing, `completion_only_loss`,
@@ -74,11 +77,15 @@ class DistillationConfig(SFTConfig):
             Device the teacher runs on (e.g. `"cuda:1"` or `"cpu"`). By default it shares the student's device. Its
             hidden states are moved to the student's device for the loss. A device this machine does not have is
             refused when the config is built.
-        divergence (`str`, *optional*, defaults to `"forward_kl"`):
+        divergence (`str`, *optional*):
             Distillation divergence: `"forward_kl"` (KL(teacher || student)), `"reverse_kl"`, `"generalized_jsd"`
-            (uses `beta`), `"total_variation"`, `"skew_kl"` or `"skew_reverse_kl"` (use `skew_alpha`).
-        beta (`float`, *optional*, defaults to `0.5`):
+            (uses `beta`), `"total_variation"`, `"skew_kl"` or `"skew_reverse_kl"` (use `skew_alpha`). Default:
+            `"generalized_jsd"` when `beta` is set (as in TRL's GKD and DistillationTrainer, whose loss is the
+            generalized JSD), else `"forward_kl"`.
+        beta (`float`, *optional*):
             Teacher weight of the generalized JSD mixture, in `[0, 1]`: `0` is forward KL, `1` reverse KL (as in TRL).
+            Setting it selects `divergence="generalized_jsd"` (a ported TRL script keeps its meaning); with another
+            divergence it is refused. Defaults to `0.5` with the generalized JSD, and stays `None` otherwise.
         skew_alpha (`float`, *optional*, defaults to `0.1`):
             Skew of the skew KL divergences (DistiLLM), in `[0, 1)`.
         temperature (`float`, *optional*, defaults to `1.0`):
@@ -96,6 +103,27 @@ class DistillationConfig(SFTConfig):
             64 MiB. Smaller chunks lower peak memory; larger ones can be a little faster.
         disable_dropout (`bool`, *optional*, defaults to `True`):
             Whether to disable dropout in the student (the teacher always runs in eval mode).
+        teacher_cache (`str`, *optional*):
+            Folder of a teacher cache made by `hf-distill cache-teacher` (or
+            `DistillationTrainer.write_teacher_cache`): the loss then uses the cached top-k teacher log-probs and no
+            teacher model is loaded. The cache must match the training set-up (tokenizer, max length, packing, masks,
+            temperature); a mismatch is a clear error.
+        sparse_targets (`str`, *optional*, defaults to `"bucket"`):
+            With a teacher cache, how the teacher mass outside the top-k is treated: `"bucket"` keeps it as one
+            "rest" bucket, `"renormalize"` renormalises both distributions over the top-k (see the losses docs).
+        lmbda (`float`, *optional*):
+            Probability that a batch trains on the student's own generations (on-policy distillation, GKD's `lmbda`).
+            Default: `1.0` for a prompt-only dataset (nothing else to train on), else `0.0`.
+        seq_kd (`bool`, *optional*, defaults to `False`):
+            Sequence-level KD: batches that do not use the student's generations train on the teacher's.
+        max_new_tokens (`int`, *optional*, defaults to `128`):
+            Tokens generated per completion. `max_completion_length` (trl.DistillationTrainer's name) is the same
+            setting.
+        generation_temperature (`float`, *optional*):
+            Sampling temperature of generated completions; by default `temperature` (as in trl.DistillationTrainer;
+            GKD's `temperature` is only a sampling temperature: set `generation_temperature` for that meaning).
+        top_p, top_k, min_p, repetition_penalty, generation_kwargs:
+            Sampling settings of generated completions, as in trl.DistillationTrainer (`top_k=0`: off).
 
     SFT's cross-entropy options act on the hard-label term: `label_smoothing_factor` and `loss_type="dft"` change the
     `alpha`-weighted cross-entropy exactly as they change `SFTTrainer`'s loss (and need `alpha > 0`).
@@ -104,7 +132,7 @@ class DistillationConfig(SFTConfig):
     and then refuses to run on a CPU-only machine unless `use_cpu=True`).
     """
 
-    _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
+    _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs", "generation_kwargs"]
 
     teacher_model_name_or_path: str | None = field(
         default=None,
@@ -118,16 +146,19 @@ class DistillationConfig(SFTConfig):
         default=None,
         metadata={"help": "Device for the teacher, e.g. 'cuda:1' or 'cpu'. Default: the student's device."},
     )
-    divergence: str = field(
-        default="forward_kl",
+    divergence: str | None = field(
+        default=None,
         metadata={
-            "help": "Distillation divergence.",
+            "help": "Distillation divergence (default: generalized_jsd when `beta` is set, else forward_kl).",
             "choices": list(DIVERGENCE_NAMES),
         },
     )
-    beta: float = field(
-        default=0.5,
-        metadata={"help": "Generalized JSD teacher weight in [0, 1]: 0 = forward KL, 1 = reverse KL."},
+    beta: float | None = field(
+        default=None,
+        metadata={
+            "help": "Generalized JSD teacher weight in [0, 1]: 0 = forward KL, 1 = reverse KL. Setting it selects "
+            "divergence=generalized_jsd (default 0.5 there)."
+        },
     )
     skew_alpha: float = field(default=0.1, metadata={"help": "Skew of the skew (reverse) KL, in [0, 1)."})
     temperature: float = field(
@@ -157,11 +188,27 @@ class DistillationConfig(SFTConfig):
                     f"`teacher_model_init_kwargs` must be a dict or a JSON object string, got "
                     f"{self.teacher_model_init_kwargs!r} ({error})."
                 ) from None
+        self._resolve_divergence()
         self._validate_distillation_fields()
+        self._validate_signal_fields()
         if self.bf16 is None and not self.fp16 and not self.use_cpu and not _accelerator_supports_bf16():
             # TRL turns bf16 on by default, which fails outright on a machine without a bf16 accelerator
             self.bf16 = False
         super().__post_init__()
+
+    def _resolve_divergence(self) -> None:
+        # TRL's GKD and DistillationTrainer lose with the generalized JSD of `beta`: a ported script that sets `beta`
+        # keeps that meaning instead of having it silently ignored by another divergence
+        if self.divergence is None:
+            self.divergence = "generalized_jsd" if self.beta is not None else "forward_kl"
+        if self.divergence == "generalized_jsd":
+            self.beta = DEFAULT_BETA if self.beta is None else self.beta
+        elif self.beta is not None:
+            raise ValueError(
+                f"`beta={self.beta}` is the teacher weight of the generalized JSD, but `divergence="
+                f"{self.divergence!r}` does not use it. Drop `beta`, or set `divergence='generalized_jsd'` (what "
+                "TRL's GKD and DistillationTrainer use)."
+            )
 
     def _validate_distillation_fields(self) -> None:
         if self.divergence not in DIVERGENCE_NAMES:
@@ -173,7 +220,7 @@ class DistillationConfig(SFTConfig):
                 f"`temperature` must be > 0, got {self.temperature}. Use 1.0 for the plain distributions; values "
                 "above 1 soften them."
             )
-        if not 0.0 <= self.beta <= 1.0:
+        if self.beta is not None and not 0.0 <= self.beta <= 1.0:
             raise ValueError(
                 f"`beta` must be in [0, 1], got {self.beta}. It is the teacher's weight in the generalized JSD "
                 "mixture: 0 gives forward KL, 1 gives reverse KL."

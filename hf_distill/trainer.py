@@ -22,9 +22,11 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from .config import DistillationConfig
 from .dataset_checks import check_dataset_columns
-from .losses import DistillationLossOutput, HiddenStateTeacher, LMHead, chunked_distillation_loss
+from .losses import DistillationLossOutput, HiddenStateTeacher, LMHead, TopKTeacher, chunked_distillation_loss
 from .model_card import write_model_card
 from .model_forward import forward_hidden_states, unwrap_peft
+from .teachers.cache import TeacherCache
+from .teachers.cached import cached_teacher_targets, open_training_cache, write_training_cache
 from .teachers.live import (
     check_modalities,
     freeze,
@@ -124,18 +126,27 @@ class DistillationTrainer(SFTTrainer):
                 "(`alpha * CE + (1 - alpha) * T^2 * divergence`). Choose the divergence and CE options in "
                 "DistillationConfig, or subclass DistillationTrainer and override `compute_loss`."
             )
-        teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
-        if teacher_model is None:
-            raise ValueError(
-                "DistillationTrainer needs a teacher: pass `teacher_model=` (a model or a name/path) or set "
-                "`teacher_model_name_or_path` in DistillationConfig."
-            )
+        if args.teacher_cache is not None:
+            if teacher_model is not None:
+                raise ValueError(
+                    "Pass either a `teacher_model` or a `teacher_cache`, not both: with a cache no teacher is loaded."
+                )
+            self._teacher_name_or_path = args.teacher_model_name_or_path  # only named in the model card
+        else:
+            teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
+            if teacher_model is None:
+                raise ValueError(
+                    "DistillationTrainer needs a teacher: pass `teacher_model=` (a model or a name/path), set "
+                    "`teacher_model_name_or_path` in DistillationConfig, or give a `teacher_cache`."
+                )
         has_formatting_func = formatting_func is not None
         check_dataset_columns(train_dataset, args, has_formatting_func, "train")
         check_dataset_columns(eval_dataset, args, has_formatting_func, "eval")
 
         teacher_kwargs = teacher_init_kwargs(model, args)
-        if isinstance(teacher_model, str):
+        if teacher_model is None:
+            pass
+        elif isinstance(teacher_model, str):
             self._teacher_name_or_path = teacher_model
             teacher_model = load_teacher(teacher_model, teacher_kwargs)
         elif args.teacher_model_init_kwargs:
@@ -145,9 +156,10 @@ class DistillationTrainer(SFTTrainer):
             )
         else:
             self._teacher_name_or_path = getattr(getattr(teacher_model, "config", None), "_name_or_path", None)
-        teacher_model = separate_from_student(teacher_model, model)
-        # Before anything is moved or trained (a student given by name: from its config alone)
-        check_modalities(model if isinstance(model, nn.Module) else student_config(model, args), teacher_model)
+        if teacher_model is not None:
+            teacher_model = separate_from_student(teacher_model, model)
+            # Before anything is moved or trained (a student given by name: from its config alone)
+            check_modalities(model if isinstance(model, nn.Module) else student_config(model, args), teacher_model)
 
         super().__init__(
             model,
@@ -165,18 +177,24 @@ class DistillationTrainer(SFTTrainer):
             peft_config=peft_config,
             formatting_func=formatting_func,
         )
-        check_modalities(self.model, teacher_model)
-
         if args.disable_dropout:
             disable_dropout_in_model(self.model)
         self._forward_redirection = _ForwardRedirection()
-
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        student_head = LMHead.from_model(unwrap_peft(self.model))
+        self.teacher_cache: TeacherCache | None = None
+        if teacher_model is None:  # the teacher's targets come from a cache
+            self.teacher_cache = open_training_cache(args.teacher_cache, args, tokenizer, student_head.vocab_rows)
+            self.distill_vocab_size = self.teacher_cache.vocab_size
+            self._teacher_name_or_path = self._teacher_name_or_path or self.teacher_cache.key.get("teacher")
+            self._teacher_input_limit = None
+            self.teacher_model = None
+            return
+        check_modalities(self.model, teacher_model)
         if teacher_processing_class is None:
             revision = teacher_kwargs.get("revision") if isinstance(self._teacher_name_or_path, str) else None
             teacher_processing_class = try_load_tokenizer(self._teacher_name_or_path, revision)
-        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         teacher_tokenizer = getattr(teacher_processing_class, "tokenizer", teacher_processing_class)
-        student_head = LMHead.from_model(unwrap_peft(self.model))
         teacher_head = LMHead.from_model(teacher_model)
         self.distill_vocab_size = resolve_distill_vocab_size(
             student_head.vocab_rows,
@@ -204,6 +222,38 @@ class DistillationTrainer(SFTTrainer):
                     values[name] = getattr(args, name)
             return DistillationConfig(**values)
         raise TypeError(f"`args` must be a DistillationConfig, got {type(args).__name__}.")
+
+    # The teacher cache ------------------------------------------------------------------------------------------
+
+    def write_teacher_cache(
+        self,
+        root: str,
+        *,
+        k: int,
+        logprob_bits: int = 8,
+        batch_size: int | None = None,
+        rows_per_shard: int = 1024,
+        show_progress: bool = True,
+    ) -> TeacherCache:
+        """Run the teacher once over the prepared training set and store its top-k log-probs for later runs.
+
+        The rows are this trainer's own (same tokenisation, truncation, masks and collator), so a run with
+        `DistillationConfig(teacher_cache=cache.path)` finds every batch row in the cache and loads no teacher. The
+        cache lands in `root/<key hash>/`: rerunning with the same inputs reuses it without a teacher forward, and an
+        interrupted write resumes. See [`write_training_cache`] for the arguments.
+
+        Returns:
+            [`TeacherCache`]: The complete cache (`cache.path` is the folder to train from).
+        """
+        return write_training_cache(
+            self,
+            root,
+            k=k,
+            logprob_bits=logprob_bits,
+            batch_size=batch_size,
+            rows_per_shard=rows_per_shard,
+            show_progress=show_progress,
+        )
 
     # The loss ------------------------------------------------------------------------------------------------------
 
@@ -248,43 +298,68 @@ class DistillationTrainer(SFTTrainer):
     ) -> tuple[DistillationLossOutput, torch.Tensor | None]:
         labels = inputs["labels"]
         model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels", "seq_lengths")}
-        teacher = self.accelerator.unwrap_model(self.teacher_model)
-        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
-        check_teacher_can_read(model_inputs.get("input_ids"), self._teacher_input_limit, tokenizer)
+        pre_shifted = "shift_labels" in inputs  # context/sequence parallelism
         # The same autocast accelerate wraps the prepared model's forward in: the forward redirection above replaced
         # that forward, and a teacher on its own device was never prepared
         with self.accelerator.autocast():
             router_logits = True if self.aux_loss_enabled else None  # like SFTTrainer
             student_out = forward_hidden_states(student, model_inputs, output_router_logits=router_logits)
-            with torch.no_grad():
-                teacher_hidden = forward_hidden_states(teacher, model_inputs).hidden
             student_hidden = student_out.hidden
-            if "shift_labels" in inputs:  # pre-shifted (context/sequence parallelism)
+            if pre_shifted:
                 targets = inputs["shift_labels"]
             else:
-                student_hidden, teacher_hidden, targets = student_hidden[:, :-1], teacher_hidden[:, :-1], labels[:, 1:]
-            mask = targets != -100
+                student_hidden, targets = student_hidden[:, :-1], labels[:, 1:]
+            mask = (targets != -100).to(student_hidden.device)
             student_head = LMHead.from_model(unwrap_peft(student))
             device = student_head.weight.device
-            mask = mask.to(student_hidden.device)
+            teacher = self._teacher_targets(model_inputs, labels, mask, pre_shifted, device)
             args = self.args
             result = chunked_distillation_loss(
                 student_hidden[mask].to(device),
                 student_head,
-                HiddenStateTeacher(teacher_hidden[mask.to(teacher_hidden.device)], teacher_lm_head(teacher), device),
+                teacher,
                 targets.to(student_hidden.device)[mask].to(device),
                 divergence=args.divergence,
                 temperature=args.temperature,
                 alpha=args.alpha,
-                beta=args.beta,
+                beta=args.beta if args.beta is not None else 0.5,
                 skew_alpha=args.skew_alpha,
                 vocab_size=self.distill_vocab_size,
                 num_items_in_batch=num_items_in_batch,
                 chunk_size=args.loss_chunk_size,
                 label_smoothing=args.label_smoothing_factor if args.loss_type == "nll" else 0.0,
                 ce_loss_type=args.loss_type,
+                sparse_targets=args.sparse_targets,
             )
         return result, (student_out.aux_loss if self.aux_loss_enabled else None)
+
+    def _teacher_targets(
+        self,
+        model_inputs: dict[str, torch.Tensor],
+        labels: torch.Tensor,
+        mask: torch.Tensor,
+        pre_shifted: bool,
+        device: torch.device,
+    ) -> HiddenStateTeacher | TopKTeacher:
+        """The teacher's side of the loss for the selected positions: cached top-k targets, or a live forward."""
+        if self.teacher_cache is not None:
+            if pre_shifted:
+                raise ValueError(
+                    "A teacher cache is keyed by unshifted rows; pre-shifted labels (context parallelism) are not "
+                    "supported with `teacher_cache`."
+                )
+            attention_mask = model_inputs.get("attention_mask")
+            return cached_teacher_targets(
+                self.teacher_cache, model_inputs["input_ids"], labels, attention_mask, device
+            )
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        check_teacher_can_read(model_inputs.get("input_ids"), self._teacher_input_limit, tokenizer)
+        with torch.no_grad():
+            hidden = forward_hidden_states(teacher, model_inputs).hidden
+        if not pre_shifted:
+            hidden = hidden[:, :-1]
+        return HiddenStateTeacher(hidden[mask.to(hidden.device)], teacher_lm_head(teacher), device)
 
     def _accumulation_steps(self) -> int:
         # Set by `Trainer`'s training loop (smaller for the last step of an epoch); absent outside of `train()`

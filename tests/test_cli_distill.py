@@ -97,7 +97,7 @@ def test_help_lists_every_flag_with_its_default(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for expected in (
         "--divergence {forward_kl,reverse_kl,generalized_jsd,total_variation,skew_kl,skew_reverse_kl}",
-        "Distillation divergence. (default: forward_kl)",
+        "Distillation divergence (default: generalized_jsd when `beta` is set, else forward_kl). (default: None)",
         "temperature**2. (default: 1.0)",
         "--teacher_model_name_or_path TEACHER_MODEL_NAME_OR_PATH",
         "Name or local path of the teacher model (required). (default: None)",

@@ -15,19 +15,7 @@ from tiny import make_model, make_tokenizer
 
 from hf_distill.losses.lm_head import LMHead
 from hf_distill.model_forward import forward_hidden_states
-from hf_distill.teachers.cache import (
-    RowNotCachedError,
-    TeacherCache,
-    TeacherCacheError,
-    TeacherCacheWriter,
-    batch_row_keys,
-    cache_dir_for,
-    cache_key,
-    fingerprint_model,
-    fingerprint_tokenizer,
-    row_key,
-    scored_mask_from_labels,
-)
+from hf_distill.teachers.cache import TeacherCache
 from hf_distill.teachers.cache_builder import STOP_AFTER_SHARDS_ENV, pad_rows, write_teacher_cache
 from hf_distill.teachers.cache_format import (
     decode_record,
@@ -39,6 +27,18 @@ from hf_distill.teachers.cache_format import (
     record_nbytes,
     unpack_bits,
 )
+from hf_distill.teachers.cache_keys import (
+    RowNotCachedError,
+    TeacherCacheError,
+    batch_row_keys,
+    cache_dir_for,
+    cache_key,
+    fingerprint_model,
+    fingerprint_tokenizer,
+    row_key,
+    scored_mask_from_labels,
+)
+from hf_distill.teachers.cache_writer import TeacherCacheWriter
 
 TESTS = Path(__file__).resolve().parent
 VOCAB = 60

@@ -19,7 +19,9 @@ from transformers.utils import logging
 
 from ..losses.lm_head import LMHead
 from ..model_forward import forward_hidden_states
-from .cache import TeacherCache, TeacherCacheWriter, row_key, scored_mask_from_labels, valid_positions
+from .cache import TeacherCache
+from .cache_keys import row_key, scored_mask_from_labels, valid_positions
+from .cache_writer import TeacherCacheWriter
 
 logger = logging.get_logger(__name__)
 

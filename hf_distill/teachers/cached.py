@@ -1,0 +1,226 @@
+"""A teacher cache in training: writing one from a trainer's own data path, and reading its targets batch by batch.
+
+The cache is made from the trainer's prepared dataset and collator (the same tokenisation, truncation, masks and
+padding the training step sees), so a training batch row finds its record by [`row_key`] whatever the shuffling. The
+key records what changes the content; the part that must match at training time (tokenizer, max length, packing,
+masks, temperature) is compared when the trainer opens the cache, and a mismatch is a clear error naming the fields.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..losses import TopKTeacher
+from .cache import TeacherCache
+from .cache_keys import (
+    RowNotCachedError,
+    TeacherCacheError,
+    batch_row_keys,
+    cache_dir_for,
+    cache_key,
+    fingerprint_model,
+    fingerprint_tokenizer,
+)
+
+if TYPE_CHECKING:
+    from ..trainer import DistillationTrainer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["cached_teacher_targets", "open_training_cache", "training_key", "write_training_cache"]
+
+
+def training_key(args: Any, tokenizer: Any) -> dict[str, Any]:
+    """The part of a cache key that a training run must match: what decides the rows and the scored positions.
+
+    Args:
+        args ([`DistillationConfig`]): The training configuration.
+        tokenizer: The student's tokenizer (the one that tokenised the dataset).
+
+    Returns:
+        `dict`: JSON-serialisable key fields.
+    """
+    return {
+        "tokenizer": fingerprint_tokenizer(tokenizer),
+        "max_length": args.max_length,
+        "truncation_mode": getattr(args, "truncation_mode", None),
+        "packing": bool(args.packing),
+        "padding_free": bool(args.padding_free),
+        "completion_only_loss": args.completion_only_loss,
+        "assistant_only_loss": bool(args.assistant_only_loss),
+        "dataset_text_field": args.dataset_text_field,
+        "pad_to_multiple_of": args.pad_to_multiple_of,
+    }
+
+
+def _refuse_packing(args: Any) -> None:
+    if args.packing or args.padding_free:
+        raise ValueError(
+            "A teacher cache is keyed by each training row, but with `packing` or `padding_free` the collator "
+            "concatenates a batch's rows into one, which changes with the shuffling. Set `packing=False` and "
+            "`padding_free=False` to use a teacher cache."
+        )
+
+
+def write_training_cache(
+    trainer: DistillationTrainer,
+    root: str | os.PathLike,
+    *,
+    k: int,
+    logprob_bits: int = 8,
+    batch_size: int | None = None,
+    rows_per_shard: int = 1024,
+    show_progress: bool = True,
+) -> TeacherCache:
+    """Run the trainer's teacher once over its prepared training set and store the top-k targets (resumable).
+
+    The cache goes to `root/<key hash>/`: the same inputs find the same folder (and a complete cache there means no
+    teacher forward at all); another teacher, tokenizer, dataset, max length, k, temperature or precision gets
+    another folder. The teacher runs under the trainer's autocast, as in a training step.
+
+    Args:
+        trainer ([`DistillationTrainer`]): A trainer built with a teacher model (not from a cache).
+        root (`str` or `os.PathLike`): Folder that holds caches, one sub-folder per key.
+        k (`int`): Tokens kept per scored position.
+        logprob_bits (`int`, *optional*, defaults to `8`): 32 (exact), 16, 8 or 4 bits per stored log-prob.
+        batch_size (`int`, *optional*): Rows per teacher forward; defaults to `per_device_train_batch_size`.
+        rows_per_shard (`int`, *optional*, defaults to `1024`): Rows per shard (the unit of resumption).
+        show_progress (`bool`, *optional*, defaults to `True`): Show a progress bar with tokens/s.
+
+    Returns:
+        [`TeacherCache`]: The complete cache; `cache.path` is the folder to pass as `teacher_cache`.
+
+    Raises:
+        ValueError: If the trainer has no teacher model, uses packing, or `k` exceeds the distilled vocabulary.
+    """
+    from .cache_builder import write_teacher_cache
+
+    args = trainer.args
+    if trainer.teacher_model is None:
+        raise ValueError("This trainer reads a teacher cache and has no teacher model to write one with.")
+    _refuse_packing(args)
+    if trainer.train_dataset is None:
+        raise ValueError("The trainer has no `train_dataset` to run the teacher over.")
+    if k > trainer.distill_vocab_size:
+        raise ValueError(
+            f"k={k} is larger than the distilled vocabulary ({trainer.distill_vocab_size} tokens): use at most "
+            f"{trainer.distill_vocab_size}."
+        )
+    teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
+    tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
+    key = {
+        **training_key(args, tokenizer),
+        "teacher": trainer._teacher_name_or_path,
+        "teacher_fingerprint": fingerprint_model(teacher),
+        "dataset_fingerprint": getattr(trainer.train_dataset, "_fingerprint", None),
+        "num_rows": len(trainer.train_dataset),
+    }
+    full_key = cache_key(
+        key, vocab_size=trainer.distill_vocab_size, k=k, temperature=args.temperature, logprob_bits=logprob_bits
+    )
+    path = cache_dir_for(root, full_key)
+    with trainer.accelerator.autocast():
+        return write_teacher_cache(
+            teacher,
+            trainer.train_dataset,
+            path,
+            key=key,
+            k=k,
+            temperature=args.temperature,
+            logprob_bits=logprob_bits,
+            batch_size=batch_size or args.per_device_train_batch_size,
+            rows_per_shard=rows_per_shard,
+            collate=trainer.data_collator,
+            vocab_size=trainer.distill_vocab_size,
+            show_progress=show_progress,
+        )
+
+
+def open_training_cache(path: str | os.PathLike, args: Any, tokenizer: Any, student_vocab_rows: int) -> TeacherCache:
+    """Open the cache named by `DistillationConfig.teacher_cache` and check that it fits this training run.
+
+    Args:
+        path (`str` or `os.PathLike`): The cache folder (`cache.path` of [`write_training_cache`]).
+        args ([`DistillationConfig`]): The training configuration.
+        tokenizer: The student's tokenizer.
+        student_vocab_rows (`int`): Rows of the student's LM head.
+
+    Returns:
+        [`TeacherCache`]
+
+    Raises:
+        TeacherCacheError: A missing, incomplete or corrupt cache, or one made for other settings (the message names
+            the fields that differ).
+        ValueError: Packing, a `distill_vocab_size` other than the cache's, or a student head smaller than it.
+    """
+    _refuse_packing(args)
+    folder = Path(path)
+    if not folder.exists():
+        raise TeacherCacheError(
+            f"teacher_cache={str(path)!r} does not exist. Make it with `hf-distill cache-teacher` (it prints the "
+            "folder to pass here)."
+        )
+    expected = {**training_key(args, tokenizer), "temperature": args.temperature}
+    cache = TeacherCache.open(folder, expected_key=expected)
+    if args.distill_vocab_size is not None and args.distill_vocab_size != cache.vocab_size:
+        raise ValueError(
+            f"`distill_vocab_size={args.distill_vocab_size}` but the teacher cache compares {cache.vocab_size} "
+            "vocabulary columns. Drop `distill_vocab_size` or rebuild the cache with it."
+        )
+    if cache.vocab_size > student_vocab_rows:
+        raise ValueError(
+            f"The teacher cache covers {cache.vocab_size} vocabulary columns but the student's LM head has only "
+            f"{student_vocab_rows} rows: the cache was made for another student vocabulary."
+        )
+    return cache
+
+
+def cached_teacher_targets(
+    cache: TeacherCache,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    device: torch.device,
+) -> TopKTeacher:
+    """The cached top-k targets of a batch's scored positions, in the order the loss selects them (row-major).
+
+    Args:
+        cache ([`TeacherCache`]): The open cache.
+        input_ids (`torch.Tensor`): The batch's `input_ids`, `[B, L]`.
+        labels (`torch.Tensor`): The batch's `labels`, `[B, L]` (position `i` is scored when `labels[i + 1]` is not
+            `-100`).
+        attention_mask (`torch.Tensor`, *optional*): Padding mask, `[B, L]`.
+        device (`torch.device`): Where the loss runs.
+
+    Returns:
+        [`TopKTeacher`]
+
+    Raises:
+        TeacherCacheError: When a row is not in the cache (the cache does not cover this dataset).
+    """
+    keys = batch_row_keys(input_ids, labels, attention_mask)
+    ids, log_probs, rest = [], [], []
+    for row, key in enumerate(keys):
+        try:
+            record = cache.lookup(key)
+        except RowNotCachedError:
+            raise TeacherCacheError(
+                f"Batch row {row} is not in the teacher cache at {cache.path}: the cache does not cover this training "
+                "set (another dataset, split, chat template or preprocessing). Rebuild it with `hf-distill "
+                "cache-teacher` on the same dataset and settings."
+            ) from None
+        ids.append(record.ids)
+        log_probs.append(record.log_probs)
+        rest.append(record.rest_log_prob)
+    return TopKTeacher(
+        torch.cat(ids).to(device, non_blocking=True),
+        torch.cat(log_probs).to(device, non_blocking=True),
+        torch.cat(rest).to(device, non_blocking=True),
+        cache.temperature,
+        vocab_rows=cache.vocab_size,
+    )
