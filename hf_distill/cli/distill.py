@@ -58,21 +58,24 @@ def _dataclass_types() -> tuple:
     return (ScriptArguments, DistillationConfig, ModelConfig, DatasetMixtureConfig)
 
 
-def make_parser(prog: str = PROG):
+def make_parser(prog: str = PROG, extra_types: tuple = (), description: str | None = None, launch: bool = True):
     """The `TrlParser` of `hf-distill distill`: `(ScriptArguments, DistillationConfig, ModelConfig,
-    DatasetMixtureConfig)`, plus `--config` and `--accelerate_config`; its errors raise [`CliError`]."""
+    DatasetMixtureConfig)` plus `extra_types`, with `--config` (and `--accelerate_config` when `launch`); its errors
+    raise [`CliError`]. Other commands that take the same flags (`cache-teacher`) build theirs with it."""
     from trl import TrlParser
 
     class DistillParser(TrlParser):
         def error(self, message: str):  # argparse prints usage and exits; one line is enough here
             raise CliError(message)
 
+    launch_usage = " [--accelerate_config NAME|PATH]" if launch else ""
     parser = DistillParser(
-        _dataclass_types(),
+        (*_dataclass_types(), *extra_types),
         prog=prog,
-        usage=f"{prog} [--config YAML] [--accelerate_config NAME|PATH] [--FLAG VALUE ...]",
+        usage=f"{prog} [--config YAML]{launch_usage} [--FLAG VALUE ...]",
         allow_abbrev=False,
-        description=(
+        description=description
+        or (
             "Distil a teacher into a student with DistillationTrainer (an SFTTrainer). Every field of "
             "DistillationConfig/SFTConfig/TrainingArguments, TRL's ScriptArguments and ModelConfig is a flag. "
             'Dict fields take JSON strings, e.g. --teacher_model_init_kwargs \'{"dtype": "bfloat16"}\'.'
@@ -90,13 +93,15 @@ def make_parser(prog: str = PROG):
         help="YAML recipe: keys are flag names; an optional `env:` mapping sets environment variables. Flags given "
         "on the command line override it.",
     )
-    group.add_argument(
-        "--accelerate_config",
-        metavar="NAME|PATH",
-        default=None,
-        help="Relaunch this command under `accelerate launch` with a preset (single_gpu, multi_gpu, fsdp1, fsdp2, "
-        "zero1, zero2, zero3: TRL's) or an accelerate config file. Unknown flags are passed to `accelerate launch`.",
-    )
+    if launch:
+        group.add_argument(
+            "--accelerate_config",
+            metavar="NAME|PATH",
+            default=None,
+            help="Relaunch this command under `accelerate launch` with a preset (single_gpu, multi_gpu, fsdp1, "
+            "fsdp2, zero1, zero2, zero3: TRL's) or an accelerate config file. Unknown flags are passed to "
+            "`accelerate launch`.",
+        )
     for action in parser._actions:
         if action.dest == "dataset_name":
             action.help = (
@@ -110,8 +115,8 @@ def make_parser(prog: str = PROG):
     return parser
 
 
-def _print_error(message: str) -> None:
-    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
+def _print_error(message: str, prog: str = PROG) -> None:
+    print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
 
 
 def _split_equals(argv: list[str], flag: str) -> list[str]:
@@ -250,8 +255,10 @@ def _check_required(script_args, training_args, model_args, dataset_args) -> Non
 
     if not model_args.model_name_or_path:
         raise CliError("the following arguments are required: --model_name_or_path (the student)")
-    if not training_args.teacher_model_name_or_path:
-        raise CliError("the following arguments are required: --teacher_model_name_or_path (the teacher)")
+    if not training_args.teacher_model_name_or_path and not training_args.teacher_cache:
+        raise CliError(
+            "the following arguments are required: --teacher_model_name_or_path (the teacher), or --teacher_cache"
+        )
     if not script_args.dataset_name and not dataset_args.datasets:
         raise CliError("the following arguments are required: --dataset_name (or a `datasets:` list in the recipe)")
     name = script_args.dataset_name
@@ -332,26 +339,27 @@ def _split(dataset, split: str, flag: str):
     return dataset[split]
 
 
-def train(script_args, training_args, model_args, dataset_args):
-    """Load the dataset, student and teacher, distil, save: the body of TRL's `sft.py`, for `DistillationTrainer`.
+def build_trainer(script_args, training_args, model_args, dataset_args, with_teacher: bool = True):
+    """Load the dataset, the student and the teacher (or the teacher cache) into a `DistillationTrainer`.
 
     Args:
         script_args (`trl.ScriptArguments`): dataset name, configuration and splits.
         training_args ([`DistillationConfig`]): the training and distillation configuration.
         model_args (`trl.ModelConfig`): the student (`model_name_or_path`, dtype, PEFT, quantization).
         dataset_args (`trl.DatasetMixtureConfig`): a mixture of datasets; when set, `dataset_name` is ignored.
+        with_teacher (`bool`, *optional*, defaults to `True`): Load the teacher model (no teacher with a cache).
 
     Returns:
-        [`DistillationTrainer`]: the trainer, after training and saving.
+        [`DistillationTrainer`]
 
     Raises:
-        CliError: For bad input found while loading (dataset, splits, models, a teacher that does not fit).
+        CliError: For bad input found while loading (dataset, splits, models, a teacher that does not fit, a cache
+            that does not match).
     """
-    import transformers
-    from packaging.version import Version
     from trl import get_peft_config, get_quantization_config
 
     from hf_distill import DistillationTrainer
+    from hf_distill.teachers.cache_keys import TeacherCacheError
 
     model_init_kwargs = dict(
         revision=model_args.model_revision,
@@ -369,18 +377,39 @@ def train(script_args, training_args, model_args, dataset_args):
         eval_dataset = None
         if training_args.eval_strategy != "no":
             eval_dataset = _split(dataset, script_args.dataset_test_split, "--dataset_test_split")
-        trainer = DistillationTrainer(
+        return DistillationTrainer(
             model=model_args.model_name_or_path,
-            teacher_model=training_args.teacher_model_name_or_path,
+            teacher_model=training_args.teacher_model_name_or_path if with_teacher else None,
             args=training_args,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             quantization_config=get_quantization_config(model_args),
             peft_config=get_peft_config(model_args),
         )
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, TeacherCacheError) as error:
         raise CliError(str(error)) from None
 
+
+def train(script_args, training_args, model_args, dataset_args):
+    """Load the dataset, student and teacher, distil, save: the body of TRL's `sft.py`, for `DistillationTrainer`.
+
+    Args:
+        script_args (`trl.ScriptArguments`): dataset name, configuration and splits.
+        training_args ([`DistillationConfig`]): the training and distillation configuration.
+        model_args (`trl.ModelConfig`): the student (`model_name_or_path`, dtype, PEFT, quantization).
+        dataset_args (`trl.DatasetMixtureConfig`): a mixture of datasets; when set, `dataset_name` is ignored.
+
+    Returns:
+        [`DistillationTrainer`]: the trainer, after training and saving.
+
+    Raises:
+        CliError: For bad input found while loading (dataset, splits, models, a teacher that does not fit).
+    """
+    import transformers
+    from packaging.version import Version
+
+    with_teacher = training_args.teacher_cache is None
+    trainer = build_trainer(script_args, training_args, model_args, dataset_args, with_teacher=with_teacher)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.accelerator.print("✅ Training completed.")
     trainer.save_model(training_args.output_dir)
