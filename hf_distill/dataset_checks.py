@@ -45,11 +45,6 @@ def check_dataset_columns(dataset: Any, args: Any, has_formatting_func: bool, na
     )
     if accepted:
         return
-    if "prompt" in columns:
-        raise ValueError(
-            f"The {name} dataset has a 'prompt' column but no 'completion': prompt-only data needs on-policy "
-            "generation, which this trainer does not do yet. Add a 'completion' column (prompt-completion format)."
-        )
     raise ValueError(
         f"The {name} dataset has columns {sorted(columns)}, none of which DistillationTrainer can train on. Provide "
         f"one of: a '{args.dataset_text_field}' column (language modeling; set `dataset_text_field` to use another "

@@ -25,6 +25,7 @@ from .dataset_checks import check_dataset_columns
 from .losses import DistillationLossOutput, HiddenStateTeacher, LMHead, TopKTeacher, chunked_distillation_loss
 from .model_card import write_model_card
 from .model_forward import forward_hidden_states, unwrap_peft
+from .on_policy import OnPolicyGenerator, add_empty_completions, is_prompt_only
 from .teachers.cache import TeacherCache
 from .teachers.cached import cached_teacher_targets, open_training_cache, write_training_cache
 from .teachers.live import (
@@ -140,6 +141,20 @@ class DistillationTrainer(SFTTrainer):
                     "`teacher_model_name_or_path` in DistillationConfig, or give a `teacher_cache`."
                 )
         has_formatting_func = formatting_func is not None
+        prompt_only = is_prompt_only(train_dataset)
+        if args.lmbda is None:  # a prompt-only dataset has nothing but generated completions to train on
+            args.lmbda = 1.0 if prompt_only else 0.0
+        if prompt_only:
+            if args.lmbda < 1.0 and not args.seq_kd:
+                raise ValueError(
+                    f"The train dataset has prompts and no completions, so every batch needs generated completions, "
+                    f"but `lmbda={args.lmbda}` trains on the dataset's completions in the other batches. Use "
+                    "`lmbda=1.0` (on-policy), `seq_kd=True` (the teacher's completions otherwise), or add a "
+                    "'completion' column."
+                )
+            train_dataset = add_empty_completions(train_dataset)
+        if is_prompt_only(eval_dataset):
+            eval_dataset = add_empty_completions(eval_dataset)
         check_dataset_columns(train_dataset, args, has_formatting_func, "train")
         check_dataset_columns(eval_dataset, args, has_formatting_func, "eval")
 
@@ -183,7 +198,13 @@ class DistillationTrainer(SFTTrainer):
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         student_head = LMHead.from_model(unwrap_peft(self.model))
         self.teacher_cache: TeacherCache | None = None
+        self._generator = None
         if teacher_model is None:  # the teacher's targets come from a cache
+            if args.uses_generation:
+                raise ValueError(
+                    "Generated completions (`lmbda > 0`, `seq_kd=True`, or a prompt-only dataset) need a live teacher "
+                    "to score them; a teacher cache only covers the dataset's own completions."
+                )
             self.teacher_cache = open_training_cache(args.teacher_cache, args, tokenizer, student_head.vocab_rows)
             self.distill_vocab_size = self.teacher_cache.vocab_size
             self._teacher_name_or_path = self._teacher_name_or_path or self.teacher_cache.key.get("teacher")
@@ -206,6 +227,8 @@ class DistillationTrainer(SFTTrainer):
         )
         self._teacher_input_limit = teacher_input_limit(teacher_model, teacher_tokenizer, unwrap_peft(self.model))
         self.teacher_model = place_teacher(freeze(teacher_model), self.accelerator, args.teacher_device)
+        if args.uses_generation:
+            self._generator = OnPolicyGenerator(args, self.processing_class, self.distill_vocab_size)
 
     @staticmethod
     def _coerce_args(args: Any, model: Any) -> DistillationConfig:
@@ -254,6 +277,37 @@ class DistillationTrainer(SFTTrainer):
             rows_per_shard=rows_per_shard,
             show_progress=show_progress,
         )
+
+    # On-policy / sequence-level batches ----------------------------------------------------------------------------
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor | Any], num_items_in_batch: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`Trainer.training_step`, after swapping the batch's completions for generated ones when the `lmbda` /
+        `seq_kd` schedule says so (see `hf_distill/on_policy.py`)."""
+        if self._generator is not None:
+            source = self._generator.next_source(self.state.global_step, self.args.gradient_accumulation_steps)
+            if source != "dataset":
+                inputs, num_items_in_batch = self._generated_batch(model, inputs, source)
+            self._metrics["train"]["on_policy"].append(float(source == "student"))
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _generated_batch(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor | Any], source: str
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        from trl.models import unwrap_model_for_generation
+
+        if source == "student":
+            with unwrap_model_for_generation(model, self.accelerator) as unwrapped:
+                batch = self._generator.generate(unwrapped, inputs, source)
+        else:
+            batch = self._generator.generate(self.accelerator.unwrap_model(self.teacher_model), inputs, source)
+        # The step's token count was taken from the dataset's completions: this micro-batch is normalised by its own
+        # (over all processes, like `num_items_in_batch`), weighing 1 / accumulation steps of the step
+        count = (batch["labels"][:, 1:] != -100).sum()
+        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            count = self.accelerator.gather(count.reshape(1)).sum()
+        return batch, count * self._accumulation_steps()
 
     # The loss ------------------------------------------------------------------------------------------------------
 

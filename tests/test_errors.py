@@ -105,7 +105,6 @@ def test_resolve_vocab_without_tokenizer():
     "columns, message",
     [
         ({"foo": ["a b"], "bar": ["c"]}, r"columns \['bar', 'foo'\].*'text' column"),
-        ({"prompt": ["a b"]}, r"'prompt' column but no 'completion'"),
     ],
 )
 def test_dataset_without_needed_columns(tmp_path, columns, message):
