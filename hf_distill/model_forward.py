@@ -56,6 +56,18 @@ def backbone(model: nn.Module) -> nn.Module:
 
 
 @functools.cache
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's inputs go: its first weight's device, or, for a model dispatched by a `device_map` with
+    offloaded (meta) weights, the execution device of its accelerate hook."""
+    hook = getattr(model, "_hf_hook", None)
+    if getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    for parameter in model.parameters():
+        if parameter.device.type != "meta":
+            return parameter.device
+    return torch.device("cpu")
+
+
 def _accepts_logits_to_keep(model_class: type) -> bool:
     parameters = inspect.signature(model_class.forward).parameters
     return "logits_to_keep" in parameters
@@ -83,7 +95,7 @@ def forward_hidden_states(
     Returns:
         [`ModelForwardOutput`]
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
     kwargs["use_cache"] = False
     if _accepts_logits_to_keep(type(unwrap_peft(model))):

@@ -108,3 +108,29 @@ def test_fsdp2_preset_one_process_matches_plain_run(tmp_path):
     fsdp2 = load_file(tmp_path / "fsdp2" / "model.safetensors")
     for key, value in plain.items():
         torch.testing.assert_close(fsdp2[key].float(), value.float(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_teacher_quantized_with_bitsandbytes(tmp_path, bits):
+    """A teacher loaded in 8/4-bit through `teacher_model_init_kwargs` trains a student; its loss is close to the
+    full-precision teacher's."""
+    pytest.importorskip("bitsandbytes")
+    from test_trainer import peaky_teacher
+
+    tokenizer = make_tokenizer()
+    teacher = peaky_teacher(len(tokenizer))
+    teacher.save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    losses = {}
+    for name, kwargs in {"full": None, "quantized": {"quantization_config": {f"load_in_{bits}bit": True}}}.items():
+        args = config(tmp_path / name, max_steps=10, learning_rate=3e-3, teacher_model_init_kwargs=kwargs)
+        trainer = DistillationTrainer(
+            model=make_model(len(tokenizer), seed=1), teacher_model=str(tmp_path / "teacher"), args=args,
+            train_dataset=lm_dataset(8), processing_class=tokenizer,
+        )  # fmt: skip
+        if name == "quantized":
+            assert getattr(trainer.teacher_model, f"is_loaded_in_{bits}bit")
+        trainer.train()
+        losses[name] = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert losses["quantized"][-1] < losses["quantized"][0]
+    assert losses["quantized"][0] == pytest.approx(losses["full"][0], rel=0.1)

@@ -65,3 +65,43 @@ def test_fsdp1_replicates_the_teacher_with_a_warning():
 def test_fully_shard_refuses_a_teacher_without_layer_units():
     with pytest.raises(ValueError, match="fsdp_transformer_layer_cls_to_wrap"):
         fully_shard_teacher(make_model(50, seed=0), layer_class_names={"NoSuchLayer"})
+
+
+def _teacher_on_disk(tmp_path):
+    from test_trainer import peaky_teacher
+    from tiny import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    peaky_teacher(len(tokenizer)).save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    return tokenizer, str(tmp_path / "teacher")
+
+
+def _first_loss(tmp_path, name, teacher_path, tokenizer, **init_kwargs):
+    from test_trainer import config
+    from tiny import lm_dataset
+
+    from hf_distill import DistillationTrainer
+
+    args = config(tmp_path / name, teacher_model_init_kwargs=init_kwargs or None, alpha=0.2, temperature=2.0)
+    trainer = DistillationTrainer(
+        model=make_model(len(tokenizer), seed=1), teacher_model=teacher_path, args=args,
+        train_dataset=lm_dataset(8), processing_class=tokenizer,
+    )  # fmt: skip
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    loss = trainer.compute_loss(trainer.model, batch)
+    (grad,) = torch.autograd.grad(loss, trainer.model.lm_head.weight)
+    return trainer, loss.detach(), grad
+
+
+def test_teacher_offloaded_to_disk_by_a_device_map_gives_the_same_loss(tmp_path):
+    tokenizer, path = _teacher_on_disk(tmp_path)
+    _, loss, grad = _first_loss(tmp_path, "whole", path, tokenizer)
+    offload = {"device_map": "auto", "max_memory": {"cpu": 20_000}, "offload_folder": str(tmp_path / "offload")}
+    trainer, offloaded_loss, offloaded_grad = _first_loss(tmp_path, "offloaded", path, tokenizer, **offload)
+    assert "disk" in set(trainer.teacher_model.hf_device_map.values())  # the teacher really is offloaded
+    assert trainer.teacher_model.lm_head.weight.device.type == "meta"
+    torch.testing.assert_close(offloaded_loss, loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(offloaded_grad, grad, rtol=1e-5, atol=1e-8)
+    trainer.train()  # and a whole training run goes through
+    assert all(torch.isfinite(torch.tensor(log["loss"])) for log in trainer.state.log_history if "loss" in log)

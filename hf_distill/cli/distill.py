@@ -386,7 +386,7 @@ def build_trainer(script_args, training_args, model_args, dataset_args, with_tea
             quantization_config=get_quantization_config(model_args),
             peft_config=get_peft_config(model_args),
         )
-    except (ValueError, OSError, TeacherCacheError) as error:
+    except (ValueError, OSError, ImportError, TeacherCacheError) as error:
         raise CliError(str(error)) from None
 
 

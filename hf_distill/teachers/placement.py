@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import replace
 from typing import Any
 
 from torch import nn
@@ -113,6 +114,10 @@ def place_teacher(teacher: nn.Module, accelerator: Any, teacher_device: str | No
     """
     if teacher_device is not None:
         return teacher.to(teacher_device)
+    if getattr(teacher, "hf_device_map", None) is not None:
+        # Placed by its own `device_map` (e.g. "auto" with CPU/disk offload for a teacher bigger than the GPU):
+        # accelerate's hooks move each layer's weights and inputs where they run, so it stays as loaded
+        return teacher.eval()
     from accelerate.utils import DistributedType
 
     state = accelerator.state
@@ -145,10 +150,18 @@ def teacher_lm_head(teacher: nn.Module) -> LMHead:
     """The teacher's LM head, gathered: read it right after the teacher's forward.
 
     FSDP2 keeps the root unit (which holds the LM head) gathered after a forward; should a root ever be resharded,
-    it is gathered here again rather than handing the loss a shard.
+    it is gathered here again rather than handing the loss a shard. A head offloaded by a `device_map` (CPU or disk)
+    is loaded and copied to its execution device for the loss.
     """
     head = LMHead.from_model(teacher)
     if type(head.weight).__name__ == "DTensor" and hasattr(teacher, "unshard"):
         teacher.unshard()
         head = LMHead.from_model(teacher)
+    elif head.weight.device.type == "meta":  # offloaded by a `device_map`: load a copy where the head runs
+        from accelerate.utils import align_module_device
+
+        with align_module_device(teacher.get_output_embeddings()):
+            loaded = LMHead.from_model(teacher)
+            bias = None if loaded.bias is None else loaded.bias.detach().clone()
+            head = replace(loaded, weight=loaded.weight.detach().clone(), bias=bias)
     return head
