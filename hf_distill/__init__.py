@@ -20,6 +20,9 @@ _LAZY = {
     "LMHead": "hf_distill.losses",
     "chunked_distillation_loss": "hf_distill.losses",
     "token_divergence": "hf_distill.losses",
+    "TopKTeacher": "hf_distill.losses",
+    "TeacherCache": "hf_distill.teachers.cache",
+    "TeacherCacheError": "hf_distill.teachers.cache_keys",
     "load_teacher": "hf_distill.teachers.live",
     "resolve_distill_vocab_size": "hf_distill.teachers.vocab",
     "VocabularyWarning": "hf_distill.teachers.vocab",
@@ -33,6 +36,9 @@ __all__ = [
     "DistillationTrainer",
     "HiddenStateTeacher",
     "LMHead",
+    "TeacherCache",
+    "TeacherCacheError",
+    "TopKTeacher",
     "VocabularyWarning",
     "check_dataset_columns",
     "chunked_distillation_loss",
@@ -50,9 +56,12 @@ if _typing.TYPE_CHECKING:
         DistillationLossOutput,
         HiddenStateTeacher,
         LMHead,
+        TopKTeacher,
         chunked_distillation_loss,
         token_divergence,
     )
+    from .teachers.cache import TeacherCache
+    from .teachers.cache_keys import TeacherCacheError
     from .teachers.live import load_teacher
     from .teachers.vocab import VocabularyWarning, resolve_distill_vocab_size
     from .trainer import DistillationTrainer
