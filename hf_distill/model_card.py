@@ -167,6 +167,22 @@ def _format(value: float) -> str:
     return f"{value:.4g}"
 
 
+def _teacher_signal(args: Any) -> str:
+    cache = getattr(args, "teacher_cache", None)
+    if not cache:
+        return "the live teacher's full distribution"
+    return f"a top-k teacher cache (`{cache}`), rest of the mass treated as `{args.sparse_targets}`"
+
+
+def _completion_sources(args: Any) -> str:
+    lmbda = float(getattr(args, "lmbda", 0.0) or 0.0)
+    other = "the teacher's samples (`seq_kd`)" if args.seq_kd else "the dataset's completions"
+    return (
+        f"the student's own samples with probability `lmbda={lmbda:g}`, else {other}; up to {args.max_new_tokens} "
+        "new tokens"
+    )
+
+
 def build_model_card(
     *,
     model_name: str,
@@ -232,6 +248,9 @@ def build_model_card(
     if loss_type and loss_type != "nll":
         settings.append(("cross-entropy `loss_type`", f"`{loss_type}`"))
     settings.append(("compared vocabulary", f"first {distill_vocab_size} tokens"))
+    settings.append(("teacher signal", _teacher_signal(args)))
+    if getattr(args, "lmbda", None) or getattr(args, "seq_kd", False):
+        settings.append(("completions", _completion_sources(args)))
 
     eval_metrics = eval_metrics_from_log_history(log_history, eval_set_names)
     eval_results, eval_rows = [], []

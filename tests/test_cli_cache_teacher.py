@@ -55,6 +55,7 @@ def test_cache_then_train_from_it_and_rerun_reuses(assets, tmp_path, capsys):
     losses = [log["loss"] for log in state["log_history"] if "loss" in log]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
     assert (tmp_path / "run" / "model.safetensors").exists()
+    assert f"a top-k teacher cache (`{path}`)" in (tmp_path / "run" / "README.md").read_text()  # the card says so
 
 
 def test_bad_input_is_one_line_and_exit_2(assets, tmp_path, capsys):
