@@ -122,3 +122,22 @@ def test_recipe_parses(recipe):
     assert model_args.model_name_or_path != config.teacher_model_name_or_path
     assert config.divergence and config.temperature > 0 and 0 <= config.alpha <= 1
     assert config.teacher_model_init_kwargs == {"dtype": "bfloat16"}
+
+
+def test_cached_teacher_example(tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(EXAMPLES / "cached_teacher_distill.py"), "--tiny", "--output-dir", str(out)]
+    cmd += ["--cache-dir", str(tmp_path / "caches")]
+    summary = _run(cmd, tmp_path)
+    assert summary["steps"] == 30 and (out / "model.safetensors").is_file()
+    assert len(list((tmp_path / "caches").glob("*/manifest.json"))) == 1
+
+
+def test_on_policy_example(tmp_path):
+    out = tmp_path / "out"
+    summary = _run(
+        [sys.executable, str(EXAMPLES / "on_policy_distill.py"), "--tiny", "--output-dir", str(out)], tmp_path
+    )
+    assert summary["steps"] == 20
+    logged = [entry for entry in _trainer_state(out)["log_history"] if "loss" in entry]
+    assert all(entry["on_policy"] == 1.0 for entry in logged)  # a prompt-only dataset: every batch generated
