@@ -98,4 +98,5 @@ class OnPolicyGenerator:
             max_new_tokens=self.args.max_new_tokens,
             max_length=self.args.max_length,
             vocab_limit=self.vocab_limit if source == "teacher" else None,
+            prompt_end="last",  # GKD's: in a multi-turn conversation every turn before the last trained one
         )
