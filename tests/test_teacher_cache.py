@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny import make_model, make_tokenizer
+from tiny import lm_dataset, make_model, make_tokenizer
 
 from hf_distill.losses.lm_head import LMHead
 from hf_distill.model_forward import forward_hidden_states
@@ -517,3 +517,31 @@ def test_cache_built_on_gpu_matches_cpu(tmp_path):
         a, b = on_cpu.lookup(key), on_gpu.lookup(key)
         torch.testing.assert_close(b.log_probs, a.log_probs, rtol=0, atol=1e-4)
         torch.testing.assert_close(b.rest_log_prob, a.rest_log_prob, rtol=0, atol=1e-4)
+
+
+def test_evicted_shards_are_hashed_once_but_a_changed_file_is_caught(tmp_path, monkeypatch):
+    import hf_distill.teachers.cache as reader
+
+    tokenizer = make_tokenizer()
+    teacher = make_model(len(tokenizer), seed=0)
+    rows = [{"input_ids": ids, "labels": ids} for ids in tokenizer(list(lm_dataset(6)["text"]))["input_ids"]]
+    cache = write_teacher_cache(
+        teacher, rows, tmp_path / "c", key={"t": 1}, k=4, rows_per_shard=2, show_progress=False
+    )
+    assert len(cache.manifest["shards"]) == 3
+    hashed = []
+    real = reader._sha256_hex
+    monkeypatch.setattr(reader, "_sha256_hex", lambda data: hashed.append(len(data)) or real(data))
+    opened = reader.TeacherCache.open(tmp_path / "c", max_loaded_shards=1)
+    keys = opened.row_keys()
+    hashed.clear()  # opening hashed the index
+    for _ in range(3):  # every lookup evicts the previous shard
+        for key in keys:
+            opened.lookup(key)
+    assert len(hashed) == 3  # each shard hashed once, though read 9 times
+    shard = tmp_path / "c" / opened.manifest["shards"][0]["file"]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))  # same size, new mtime: hashed again, and refused
+    with pytest.raises(reader.TeacherCacheError, match="corrupt"):
+        opened.lookup(keys[0])

@@ -75,6 +75,8 @@ class TeacherCache:
             self._index.setdefault(key, i)
         self._loaded: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self._max_loaded = max(1, max_loaded_shards)
+        # (size, mtime) of each shard whose sha256 matched: an evicted shard read again unchanged is not re-hashed
+        self._verified: dict[int, tuple[int, int]] = {}
 
     @classmethod
     def open(
@@ -180,14 +182,19 @@ class TeacherCache:
         entry = self._shards[shard]
         file = self.path / entry["file"]
         try:
+            stat = file.stat()
             data = file.read_bytes()
         except OSError as error:
             raise TeacherCacheError(f"Cannot read teacher cache shard {file}: {error}. {RERUN_HINT}") from error
-        if len(data) != entry["bytes"] or _sha256_hex(data) != entry["sha256"]:
+        signature = (stat.st_size, stat.st_mtime_ns)
+        if self._verified.get(shard) == signature and len(data) == entry["bytes"]:
+            pass  # hashed when first read, unchanged on disk since
+        elif len(data) != entry["bytes"] or _sha256_hex(data) != entry["sha256"]:
             raise TeacherCacheError(
                 f"Teacher cache shard {file} is corrupt or truncated (sha256/size differ from {MANIFEST}). Delete "
                 f"{file.name} and rerun `hf-distill cache-teacher` with the same settings: it rewrites that shard."
             )
+        self._verified[shard] = signature
         try:
             return load_safetensors(data)
         except Exception as error:  # matching sha256 but unreadable: written by a broken writer
