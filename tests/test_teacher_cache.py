@@ -533,7 +533,7 @@ def test_evicted_shards_are_hashed_once_but_a_changed_file_is_caught(tmp_path, m
     real = reader._sha256_hex
     monkeypatch.setattr(reader, "_sha256_hex", lambda data: hashed.append(len(data)) or real(data))
     opened = reader.TeacherCache.open(tmp_path / "c", max_loaded_shards=1)
-    keys = opened.row_keys()
+    keys = list(opened.row_keys())
     hashed.clear()  # opening hashed the index
     for _ in range(3):  # every lookup evicts the previous shard
         for key in keys:
