@@ -25,7 +25,8 @@ RESULT_MARKER = "@@BENCH_RESULT@@ "
 
 DOC_INTRO = """# Benchmarks
 
-Two scripts in `benchmarks/` compare hf_distill with the naive full-logit distillation of TRL's GKD:
+The scripts in `benchmarks/` compare hf_distill with TRL (the naive full-logit distillation of GKD, the on-policy
+`DistillationTrainer`, plain SFT):
 
 - `benchmarks/loss_memory.py`: the loss alone (forward + backward from last hidden states), our token-chunked
   `chunked_distillation_loss` against `GKDTrainer.generalized_jsd_loss` on full `hidden @ W.T` logits.
@@ -47,6 +48,9 @@ python benchmarks/loss_memory.py            # N=2048 tokens, H=896, V=151936, fp
 python benchmarks/train_step.py             # Qwen2-style 4-layer/512 teacher, 2-layer/256 student, V=32000
 python benchmarks/loss_memory.py --quick    # smoke runs at small sizes (< 1 min each); they do not touch this file
 python benchmarks/train_step.py --quick
+python benchmarks/cache_step.py --threads 1    # ~5 min
+python benchmarks/cache_quality.py             # ~7-12 min (trains a teacher and six students)
+python benchmarks/on_policy_step.py --threads 1  # ~5 min
 python benchmarks/loss_memory.py --device cuda   # on a GPU; memory is then torch.cuda.max_memory_allocated
 ```
 
