@@ -10,6 +10,12 @@ import typing as _typing
 __version__ = "0.1.0"
 
 _LAZY = {
+    "CheckpointResumer": "hf_distill.callbacks",
+    "PREEMPTED_EXIT_CODE": "hf_distill.callbacks",
+    "TrainingPreempted": "hf_distill.callbacks",
+    "IncompleteCheckpointWarning": "hf_distill.checkpoints",
+    "ResumePoint": "hf_distill.checkpoints",
+    "find_resumable_checkpoint": "hf_distill.checkpoints",
     "DistillationConfig": "hf_distill.config",
     "DistillationTrainer": "hf_distill.trainer",
     "check_dataset_columns": "hf_distill.dataset_checks",
@@ -30,24 +36,32 @@ _LAZY = {
 
 __all__ = [
     "DIVERGENCE_NAMES",
+    "PREEMPTED_EXIT_CODE",
+    "CheckpointResumer",
     "DenseTeacher",
     "DistillationConfig",
     "DistillationLossOutput",
     "DistillationTrainer",
     "HiddenStateTeacher",
+    "IncompleteCheckpointWarning",
     "LMHead",
+    "ResumePoint",
     "TeacherCache",
     "TeacherCacheError",
     "TopKTeacher",
+    "TrainingPreempted",
     "VocabularyWarning",
     "check_dataset_columns",
     "chunked_distillation_loss",
+    "find_resumable_checkpoint",
     "load_teacher",
     "resolve_distill_vocab_size",
     "token_divergence",
 ]
 
 if _typing.TYPE_CHECKING:
+    from .callbacks import PREEMPTED_EXIT_CODE, CheckpointResumer, TrainingPreempted
+    from .checkpoints import IncompleteCheckpointWarning, ResumePoint, find_resumable_checkpoint
     from .config import DistillationConfig
     from .dataset_checks import check_dataset_columns
     from .losses import (

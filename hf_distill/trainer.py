@@ -16,6 +16,7 @@ import torch
 from datasets import Dataset, IterableDataset
 from torch import nn
 from transformers import EvalPrediction, PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, TrainingArguments
+from transformers.utils import logging
 from trl import SFTTrainer
 from trl.models.utils import _ForwardRedirection
 from trl.trainer.utils import disable_dropout_in_model
@@ -26,6 +27,7 @@ from .losses import DistillationLossOutput, HiddenStateTeacher, LMHead, TopKTeac
 from .model_card import write_model_card
 from .model_forward import forward_hidden_states, unwrap_peft
 from .on_policy import OnPolicyGenerator, add_empty_completions, is_prompt_only
+from .resumable import ResumableTrainerMixin
 from .teachers.cache import TeacherCache
 from .teachers.cached import cached_teacher_targets, open_training_cache, write_training_cache
 from .teachers.live import (
@@ -40,12 +42,14 @@ from .teachers.live import (
 from .teachers.placement import place_teacher, teacher_lm_head
 from .teachers.vocab import check_teacher_can_read, resolve_distill_vocab_size, teacher_input_limit
 
+logger = logging.get_logger(__name__)
+
 __all__ = ["DistillationTrainer", "check_dataset_columns"]
 
 _METRIC_NAMES = ("distill_loss", "ce_loss", "teacher_agreement", "mean_token_accuracy", "entropy")
 
 
-class DistillationTrainer(SFTTrainer):
+class DistillationTrainer(ResumableTrainerMixin, SFTTrainer):
     """Distil a teacher into a student with the SFTTrainer interface.
 
     Change `SFTTrainer`/`SFTConfig` to `DistillationTrainer`/[`DistillationConfig`] and pass `teacher_model=`:
@@ -55,6 +59,11 @@ class DistillationTrainer(SFTTrainer):
 
     The loss never builds full `[tokens, vocab]` logits for both models: both LM heads are applied a chunk of tokens at
     a time (see [`chunked_distillation_loss`]).
+
+    Runs can be resumed after any crash: checkpoints appear only once complete, `train(resume_from_checkpoint="auto")`
+    picks the newest complete one, and a [`CheckpointResumer`] (added by default; remove it with
+    `trainer.remove_callback(CheckpointResumer)`) saves and raises [`TrainingPreempted`] on SIGTERM/SIGINT/SIGUSR1.
+    See `docs/resume.md`.
 
     Args:
         model (`str` or [`~transformers.PreTrainedModel`] or `peft.PeftModel`):
@@ -192,6 +201,7 @@ class DistillationTrainer(SFTTrainer):
             peft_config=peft_config,
             formatting_func=formatting_func,
         )
+        self.install_resumer()
         if args.disable_dropout:
             disable_dropout_in_model(self.model)
         self._forward_redirection = _ForwardRedirection()

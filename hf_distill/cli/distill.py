@@ -240,6 +240,12 @@ def _launch(argv: list[str], accelerate_config: str, recipe_extras: dict[str, An
     except ValueError as error:  # accelerate's own checks of the launch configuration
         raise CliError(f"accelerate launch: {error}") from None
     except Exception as error:  # torch.distributed's ChildFailedError and friends: the workers printed the cause
+        from hf_distill.callbacks import PREEMPTED_EXIT_CODE
+
+        codes = {getattr(failure, "exitcode", None) for failure in getattr(error, "failures", {}).values()}
+        if codes == {PREEMPTED_EXIT_CODE}:  # every failed worker was preempted and saved: pass the code through
+            _print_error("training was preempted and a checkpoint saved; rerun the same command to resume")
+            return PREEMPTED_EXIT_CODE
         _print_error(f"the launched training failed ({type(error).__name__}; the workers' output is above)")
         return 1
     finally:
@@ -403,14 +409,36 @@ def train(script_args, training_args, model_args, dataset_args):
         [`DistillationTrainer`]: the trainer, after training and saving.
 
     Raises:
-        CliError: For bad input found while loading (dataset, splits, models, a teacher that does not fit).
+        CliError: For bad input found while loading (dataset, splits, models, a teacher that does not fit), or a
+            `--resume_from_checkpoint` that does not exist, is incomplete or does not fit the student.
+        SystemExit: With code `PREEMPTED_EXIT_CODE` (75) after SIGTERM/SIGINT/SIGUSR1 stopped training and a
+            checkpoint was saved: rerun the same command with `--resume_from_checkpoint auto` to continue.
     """
     import transformers
     from packaging.version import Version
 
+    from hf_distill.callbacks import PREEMPTED_EXIT_CODE, TrainingPreempted
+
     with_teacher = training_args.teacher_cache is None
     trainer = build_trainer(script_args, training_args, model_args, dataset_args, with_teacher=with_teacher)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    resume = training_args.resume_from_checkpoint
+    try:
+        checkpoint = trainer.resolve_resume_checkpoint(resume)  # bad input: one line, before any training
+    except ValueError as error:
+        raise CliError(f"argument --resume_from_checkpoint: {error}") from None
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint if checkpoint is not None else False)
+    except TrainingPreempted as stop:
+        if trainer.accelerator.is_main_process:
+            rerun = "Rerun the same command" + ("" if resume == "auto" else " with `--resume_from_checkpoint auto`")
+            print(
+                f"{PROG}: training stopped by {stop.signal_name} after step {stop.global_step}; checkpoint saved to "
+                f"{stop.checkpoint}. {rerun} to continue from it (exit code {PREEMPTED_EXIT_CODE}).",
+                file=sys.stderr,
+            )
+        sys.stdout.flush()
+        sys.stderr.flush()
+        raise SystemExit(PREEMPTED_EXIT_CODE) from None
     trainer.accelerator.print("✅ Training completed.")
     trainer.save_model(training_args.output_dir)
     trainer.save_state()

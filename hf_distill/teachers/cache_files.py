@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ..fs import fsync_dir
 from .cache_keys import TeacherCacheError
 
 FORMAT_NAME = "hf_distill.teacher_cache"
@@ -37,19 +38,6 @@ def _sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.parent / f".{path.name}.tmp"
     with open(tmp, "wb") as handle:
@@ -57,7 +45,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _manifest_bytes(manifest: dict[str, Any]) -> bytes:

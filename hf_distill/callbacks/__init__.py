@@ -1,0 +1,5 @@
+"""Trainer callbacks shipped with hf_distill."""
+
+from .checkpoint_resumer import PREEMPTED_EXIT_CODE, CheckpointResumer, TrainingPreempted
+
+__all__ = ["PREEMPTED_EXIT_CODE", "CheckpointResumer", "TrainingPreempted"]
