@@ -89,8 +89,15 @@ def build_trainer(
 def main(argv: list[str]) -> int:
     _install_markers()
     if argv[0] == "api":
+        from hf_distill.callbacks import PREEMPTED_EXIT_CODE, TrainingPreempted
+
+        if "LOCAL_RANK" in os.environ:  # under torchrun: say which process is which, so a test can signal one
+            print(f"RANK {os.environ['RANK']} PID {os.getpid()}", flush=True)
         trainer = build_trainer(argv[1])
-        trainer.train(resume_from_checkpoint="auto")
+        try:
+            trainer.train(resume_from_checkpoint="auto")
+        except TrainingPreempted:
+            return PREEMPTED_EXIT_CODE
         trainer.save_model()
         print("DONE", flush=True)
         return 0

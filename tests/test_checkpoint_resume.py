@@ -424,3 +424,55 @@ def test_cli_bad_resume_from_checkpoint_is_one_error_line(tmp_path, cli_assets, 
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("hf-distill distill: error: argument --resume_from_checkpoint: ") and "does not exist" in err
     assert not (tmp_path / "out" / "checkpoint-1").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_stop_together_when_one_is_signalled_and_resume(tmp_path):
+    """DDP over gloo: SIGTERM to rank 1 alone stops both ranks at the same step with one checkpoint holding both RNG
+    states; the rerun ends with the weights of an uninterrupted two-process run."""
+    import re
+    import socket
+
+    from safetensors.torch import load_file
+    from tiny import subprocess_env
+
+    worker = str(Path(__file__).parent / "resume_worker.py")
+    env = subprocess_env(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", RESUME_WORKER_STEP_SLEEP="0.3")
+
+    def torchrun(output_dir: Path) -> subprocess.Popen:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               worker, "api", str(output_dir)]  # fmt: skip
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+    reference = torchrun(tmp_path / "reference")
+    assert reference.wait(timeout=300) == 0, reference.stdout.read()[-3000:]
+
+    run = torchrun(tmp_path / "run")
+    pids, lines = {}, []
+    for line in run.stdout:
+        lines.append(line)
+        match = re.match(r"RANK (\d) PID (\d+)", line)
+        if match:
+            pids[int(match.group(1))] = int(match.group(2))
+        if line.startswith("STEP 3") and 1 in pids:
+            os.kill(pids[1], signal.SIGTERM)
+            break
+    lines += run.stdout.readlines()
+    assert run.wait(timeout=300) != 0, "".join(lines)[-3000:]  # preempted: the launcher reports the stop
+    complete = sorted((tmp_path / "run").glob("checkpoint-*"))
+    assert complete, "".join(lines)[-3000:]
+    last = complete[-1]
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in last.iterdir()}
+    stopped = int(last.name.split("-")[1])
+    assert 2 <= stopped < 6
+
+    rerun = torchrun(tmp_path / "run")
+    output = rerun.communicate(timeout=300)[0]
+    assert rerun.returncode == 0, output[-3000:]
+    expected = load_file(tmp_path / "reference" / "model.safetensors")
+    actual = load_file(tmp_path / "run" / "model.safetensors")
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name], value, rtol=0, atol=1e-6)
