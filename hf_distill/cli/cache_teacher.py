@@ -16,7 +16,8 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Any
 
-from .distill import CliError, _check_required, _print_error, _read_recipe, _split_equals, build_trainer, make_parser
+from .common import CliError, print_error, read_recipe, split_equals
+from .distill import _check_required, build_trainer, make_parser
 
 __all__ = ["CacheTeacherArguments", "add_parser", "run"]
 
@@ -64,13 +65,13 @@ def run(argv: list[str]) -> int:
     try:
         return _run(list(argv))
     except CliError as error:
-        _print_error(str(error), PROG)
+        print_error(str(error), PROG)
         return 2
 
 
 def _run(argv: list[str]) -> int:
-    argv = _split_equals(argv, "--config")
-    recipe_path, recipe = _read_recipe(argv)
+    argv = split_equals(argv, "--config")
+    recipe_path, recipe = read_recipe(argv)
     parser = make_parser(
         PROG,
         extra_types=(CacheTeacherArguments,),

@@ -18,23 +18,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
-__all__ = ["LAUNCHED_ENV", "CliError", "add_parser", "make_parser", "resolve_accelerate_config", "run", "train"]
+from .common import CliError, print_error, read_recipe, split_equals
+from .launch import LAUNCHED_ENV, launch
+
+__all__ = ["add_parser", "build_trainer", "make_parser", "run", "train"]
 
 PROG = "hf-distill distill"
 """Program name used in help and error messages."""
-
-LAUNCHED_ENV = "HF_DISTILL_ACCELERATE_LAUNCHED"
-"""Environment variable set for the processes that `--accelerate_config` starts, so that they do not relaunch."""
-
-ACCELERATE_PRESETS_PACKAGE = "trl.accelerate_configs"
-"""Package whose `<name>.yaml` files are the `--accelerate_config` presets (TRL's own, reused as they are)."""
-
-
-class CliError(Exception):
-    """Bad input to `hf-distill distill`: printed as one line on stderr, exit code 2."""
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -115,147 +107,6 @@ def make_parser(prog: str = PROG, extra_types: tuple = (), description: str | No
     return parser
 
 
-def _print_error(message: str, prog: str = PROG) -> None:
-    print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
-
-
-def _split_equals(argv: list[str], flag: str) -> list[str]:
-    """`--flag=value` as two tokens (TRL's parser only finds `--config value`)."""
-    out: list[str] = []
-    for token in argv:
-        if token.startswith(flag + "="):
-            out += [flag, token[len(flag) + 1 :]]
-        else:
-            out.append(token)
-    return out
-
-
-def _read_recipe(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
-    """Path and content of the `--config` recipe (before any heavy import), with its `env:` block applied."""
-    if "--config" not in argv:
-        return None, {}
-    index = argv.index("--config")
-    if index + 1 >= len(argv) or argv[index + 1].startswith("--"):
-        raise CliError("argument --config: expected a YAML file")
-    path = argv[index + 1]
-    import yaml
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            recipe = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise CliError(f"config file {path!r} does not exist") from None
-    except OSError as error:
-        raise CliError(f"cannot read config file {path!r}: {error}") from None
-    except yaml.YAMLError as error:
-        raise CliError(f"config file {path!r} is not valid YAML: {error}") from None
-    if recipe is None:
-        recipe = {}
-    if not isinstance(recipe, dict):
-        raise CliError(f"config file {path!r} must be a YAML mapping of flag names to values")
-    env = recipe.get("env", {})
-    if not isinstance(env, dict):
-        raise CliError(f"config file {path!r}: `env` must be a mapping of variable names to values")
-    for key, value in env.items():
-        os.environ[str(key)] = str(value)
-    return path, recipe
-
-
-def resolve_accelerate_config(name_or_path: str) -> str:
-    """Path of an accelerate config: an existing file, or the name of one of TRL's presets (`multi_gpu`, ...)."""
-    import importlib.resources as resources
-
-    if Path(name_or_path).is_file():
-        return name_or_path
-    presets = resources.files(ACCELERATE_PRESETS_PACKAGE)
-    candidate = presets.joinpath(f"{name_or_path}.yaml")
-    if not candidate.is_file():
-        names = sorted(p.name[: -len(".yaml")] for p in presets.iterdir() if p.name.endswith(".yaml"))
-        raise CliError(
-            f"argument --accelerate_config: {name_or_path!r} is neither a file nor a preset ({', '.join(names)})"
-        )
-    return str(candidate)
-
-
-def _recipe_to_flags(keys: dict[str, Any]) -> list[str]:
-    """Recipe keys for `accelerate launch` as flags (`true` is a bare switch, `false` is left out)."""
-    flags: list[str] = []
-    for key, value in keys.items():
-        if value is True:
-            flags.append(f"--{key}")
-        elif value is not False and value is not None:
-            flags += [f"--{key}", str(value)]
-    return flags
-
-
-def _without(argv: list[str], removed: list[str]) -> list[str]:
-    """`argv` without the ordered subsequence `removed` (the tokens `accelerate launch` takes)."""
-    it = iter(removed)
-    current = next(it, None)
-    kept = []
-    for token in argv:
-        if current is not None and token == current:
-            current = next(it, None)
-        else:
-            kept.append(token)
-    return kept
-
-
-def _drop_flag(argv: list[str], flag: str) -> list[str]:
-    out, skip = [], False
-    for token in argv:
-        if skip:
-            skip = False
-        elif token == flag:
-            skip = True
-        else:
-            out.append(token)
-    return out
-
-
-def _launch(argv: list[str], accelerate_config: str, recipe_extras: dict[str, Any], cli_remaining: list[str]) -> int:
-    import subprocess
-
-    from accelerate.commands.launch import launch_command, launch_command_parser
-
-    launch_args = ["--config_file", resolve_accelerate_config(accelerate_config)]
-    launch_args += _recipe_to_flags(recipe_extras) + cli_remaining
-    script_args = _drop_flag(_without(argv, cli_remaining), "--accelerate_config")
-    launch_parser = launch_command_parser()
-
-    def launch_error(message: str):
-        raise CliError(f"accelerate launch: {message}")
-
-    launch_parser.error = launch_error
-    accelerate_args = launch_parser.parse_args(
-        [*launch_args, "--module", "hf_distill.cli.main", "distill", *script_args]
-    )
-    previous = os.environ.get(LAUNCHED_ENV)
-    os.environ[LAUNCHED_ENV] = "1"
-    try:
-        launch_command(accelerate_args)
-    except subprocess.CalledProcessError as error:
-        _print_error(f"the launched training exited with code {error.returncode} (its output is above)")
-        return error.returncode or 1
-    except ValueError as error:  # accelerate's own checks of the launch configuration
-        raise CliError(f"accelerate launch: {error}") from None
-    except Exception as error:  # torch.distributed's ChildFailedError and friends: the workers printed the cause
-        from hf_distill.callbacks import PREEMPTED_EXIT_CODE
-
-        codes = {getattr(failure, "exitcode", None) for failure in getattr(error, "failures", {}).values()}
-        if codes == {PREEMPTED_EXIT_CODE}:  # every failed worker was preempted and saved: pass the code through
-            _print_error("training was preempted and a checkpoint saved; rerun the same command to resume")
-            return PREEMPTED_EXIT_CODE
-        _print_error(f"the launched training failed ({type(error).__name__}; the workers' output is above)")
-        return 1
-    finally:
-        if previous is None:
-            os.environ.pop(LAUNCHED_ENV, None)
-        else:
-            os.environ[LAUNCHED_ENV] = previous
-    return 0
-
-
 def _check_required(script_args, training_args, model_args, dataset_args) -> None:
     from hf_distill.data import looks_like_local_path
 
@@ -286,13 +137,13 @@ def run(argv: list[str]) -> int:
     try:
         return _run(list(argv))
     except CliError as error:
-        _print_error(str(error))
+        print_error(str(error), PROG)
         return 2
 
 
 def _run(argv: list[str]) -> int:
-    argv = _split_equals(_split_equals(argv, "--config"), "--accelerate_config")
-    recipe_path, recipe = _read_recipe(argv)  # env: block first, before torch or the Hub client are imported
+    argv = split_equals(split_equals(argv, "--config"), "--accelerate_config")
+    recipe_path, recipe = read_recipe(argv)  # env: block first, before torch or the Hub client are imported
     parser = make_parser()
     known = {action.dest for action in parser._actions} | {"env"}
     recipe_extras = {key: value for key, value in recipe.items() if key not in known}
@@ -318,7 +169,7 @@ def _run(argv: list[str]) -> int:
         raise CliError(f"unrecognized arguments: {' '.join(cli_remaining)}")
     _check_required(script_args, training_args, model_args, dataset_args)
     if accelerate_config and not launched:
-        return _launch(argv, accelerate_config, recipe_extras, cli_remaining)
+        return launch(argv, accelerate_config, recipe_extras, cli_remaining)
     train(script_args, training_args, model_args, dataset_args)
     return 0
 
