@@ -269,3 +269,155 @@ def median(values: list[float]) -> float:
 
 def mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
+
+
+def paired_ratios(rounds: dict, a: str, b: str) -> list[float]:
+    """Per-round ratios of the median step times of variants `a` and `b` (same round, same load)."""
+    return [median(x["times"]) / median(y["times"]) for x, y in zip(rounds[a], rounds[b])]
+
+
+def report_body(*blocks: str | list[str]) -> str:
+    """The Markdown of a docs section: the blocks (a list is spliced in line by line) separated by blank lines, then
+    the command that produced it."""
+    lines: list[str] = []
+    for block in blocks:
+        if lines:
+            lines.append("")
+        lines.extend(block if isinstance(block, list) else [block])
+    lines += ["", "Command:", "", "```bash", command_line(), "```"]
+    return "\n".join(lines)
+
+
+def timing_machine_line(machine: str, load_after_timing: float, wall: float) -> str:
+    return (
+        f"Machine: {machine}; load average after the timing phase {load_after_timing:.1f}. "
+        f"Total benchmark wall time {wall:.0f} s."
+    )
+
+
+def print_summary(blocks: list[str], wall: float) -> None:
+    """Print each block after a blank line, then the command line and the total wall time."""
+    for block in blocks:
+        print()
+        print(block)
+    print()
+    print(f"Command: {command_line()}  (total {wall:.0f} s)")
+
+
+def maybe_update_docs(args, body: str) -> None:
+    """Write the section unless `--no-write`, or `--quick` without `--write`."""
+    if (not args.quick or args.write) and not args.no_write:
+        update_docs(args.doc_section, body)
+
+
+# Command line -----------------------------------------------------------------------------------------------------
+
+THREADS_HELP = (
+    "torch.set_num_threads for the timing and memory runs (default: torch's choice; 1 with --quick). On a "
+    "machine shared with other jobs, 1 avoids threads waiting on each other at every operation."
+)
+QUICK_HELP = "Tiny models, few steps, no memory subprocesses."
+
+
+def doc_section_help(section: str) -> str:
+    return (
+        f"Marker name of the docs/benchmarks.md section to replace (default {section!r}); use another name to "
+        "keep a run at other settings next to the default one."
+    )
+
+
+def add_model_size_arguments(parser) -> None:
+    """--vocab and the teacher/student width and depth of the random-init Qwen2 pair."""
+    parser.add_argument("--vocab", type=int, default=32000, help="Vocabulary size (tokenizer and both models).")
+    parser.add_argument("--teacher-hidden", type=int, default=512)
+    parser.add_argument("--teacher-layers", type=int, default=4)
+    parser.add_argument("--student-hidden", type=int, default=256)
+    parser.add_argument("--student-layers", type=int, default=2)
+
+
+def add_round_arguments(parser, rounds: int = 4) -> None:
+    """--rounds, --warmup-steps, --steps and --memory-steps of the timing scripts."""
+    parser.add_argument("--rounds", type=int, default=rounds, help="Turns per variant (order rotated every round).")
+    parser.add_argument("--warmup-steps", type=int, default=1, help="Steps discarded at the start of every turn.")
+    parser.add_argument("--steps", type=int, default=4, help="Measured steps per turn.")
+    parser.add_argument(
+        "--memory-steps", type=int, default=3, help="Steps of each fresh-process memory run (0: skip them)."
+    )
+
+
+def add_device_arguments(parser, threads_help: str = THREADS_HELP) -> None:
+    """--device, --threads and --seed."""
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i].")
+    parser.add_argument("--threads", type=int, default=None, help=threads_help)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def add_write_arguments(parser, section: str, quick_help: str = QUICK_HELP, section_help: str | None = None) -> None:
+    """--quick, --write, --no-write and --doc-section (the docs/benchmarks.md section a run replaces)."""
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--write", action="store_true", help="Update docs/benchmarks.md even with --quick.")
+    parser.add_argument("--no-write", action="store_true", help="Do not update docs/benchmarks.md.")
+    parser.add_argument(
+        "--doc-section", default=section, help=section_help if section_help is not None else doc_section_help(section)
+    )
+
+
+def add_worker_arguments(
+    parser,
+    timeout: float = 1800,
+    timeout_help: str = "Seconds allowed per memory subprocess.",
+    verbose_help: str = "Show the memory subprocesses' output.",
+) -> None:
+    """--timeout, --verbose and the hidden --worker of the fresh-process runs."""
+    import argparse
+
+    parser.add_argument("--timeout", type=float, default=timeout, help=timeout_help)
+    parser.add_argument("--verbose", action="store_true", help=verbose_help)
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+
+
+def finish_round_arguments(args) -> None:
+    """--quick's rounds and steps (2 turns of 1 warm-up + 2 steps, no memory runs, 1 thread unless given); a memory
+    run needs one warm-up step and at least one more."""
+    if args.quick:
+        args.rounds, args.warmup_steps, args.steps, args.memory_steps = 2, 1, 2, 0
+        if args.threads is None:
+            args.threads = 1  # tiny ops: thread barriers would dominate on a busy machine
+    if args.memory_steps == 1:
+        args.memory_steps = 2  # one warm-up step and at least one more
+
+
+def quiet_transformers() -> None:
+    """Offline hub, no tokenizer fork warnings, transformers logging at error level."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
+def parse_variants(text: str, known: tuple | list) -> list[str]:
+    variants = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = set(variants) - set(known)
+    if unknown:
+        raise SystemExit(f"Unknown variants {sorted(unknown)}; choose from {known}.")
+    return variants
+
+
+def memory_phase(script: str, args, base: dict, variants: list[str], **extra) -> dict:
+    """Each variant in a fresh subprocess: build, reset the peak counter, train a few steps, read the peak."""
+    results = {}
+    for variant in variants:
+        spec = {
+            **base,
+            "variant": variant,
+            **extra,
+            "name": f"{variant} (memory)",
+            "warmup_steps": 1,
+            "steps": args.memory_steps - 1,
+        }
+        print(f"Memory run (fresh process): {variant} ...", flush=True)
+        results[variant] = run_worker(script, spec, timeout=args.timeout, verbose=args.verbose)
+        m = results[variant]["memory"]
+        print(f"  {variant}: peak above setup {m['peak_above_mib']:.0f} MiB, peak {m['peak_mib']:.0f} MiB", flush=True)
+    return results

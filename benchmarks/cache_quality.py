@@ -581,10 +581,12 @@ def parse_args(argv=None):
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", default=None, help="Keep the caches and outputs here (default: a temp dir).")
-    parser.add_argument("--quick", action="store_true", help="Smoke run: tiny models and data, no docs update.")
-    parser.add_argument("--write", action="store_true", help="Update docs/benchmarks.md even with --quick.")
-    parser.add_argument("--no-write", action="store_true", help="Do not update docs/benchmarks.md.")
-    parser.add_argument("--doc-section", default=SECTION, help=f"docs/benchmarks.md section (default {SECTION!r}).")
+    common.add_write_arguments(
+        parser,
+        SECTION,
+        quick_help="Smoke run: tiny models and data, no docs update.",
+        section_help=f"docs/benchmarks.md section (default {SECTION!r}).",
+    )
     parser.add_argument("--json", default=None, help="Also write the raw results to this JSON file.")
     args = parser.parse_args(argv)
     if args.quick:
@@ -603,11 +605,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
+    common.quiet_transformers()
     wall_start = time.perf_counter()
     machine = common.machine_description("cpu", args.threads)
     print(f"Command: {common.command_line()}")
@@ -619,8 +617,7 @@ def main(argv=None) -> None:
     print(body)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), **out}, indent=1, default=str))
-    if (not args.quick or args.write) and not args.no_write:
-        common.update_docs(args.doc_section, body)
+    common.maybe_update_docs(args, body)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,6 @@ from train_step import (  # noqa: E402
     build_model,
     build_tokenizer,
     first_batch_summary,
-    paired_ratios,
     training_arguments,
 )
 
@@ -352,60 +351,38 @@ def profile_steps(args, trainers: dict) -> dict:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vocab", type=int, default=32000, help="Vocabulary size (tokenizer and both models).")
-    parser.add_argument("--teacher-hidden", type=int, default=512)
-    parser.add_argument("--teacher-layers", type=int, default=4)
-    parser.add_argument("--student-hidden", type=int, default=256)
-    parser.add_argument("--student-layers", type=int, default=2)
+    common.add_model_size_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=64, help="Tokens per sequence (all sequences equal).")
     parser.add_argument("--prompt-len", type=int, default=4, help="User words per sequence (not trained on).")
     parser.add_argument("--beta", type=float, default=0.5, help="Generalized JSD beta (ours).")
     parser.add_argument("--ks", default="64,16", help="Comma-separated top-k values: one cache (and variant) each.")
     parser.add_argument("--logprob-bits", type=int, default=8, help="Bits per stored log-prob (32, 16, 8, 4).")
-    parser.add_argument("--rounds", type=int, default=4, help="Turns per variant (order rotated every round).")
-    parser.add_argument("--warmup-steps", type=int, default=1, help="Steps discarded at the start of every turn.")
-    parser.add_argument("--steps", type=int, default=4, help="Measured steps per turn.")
-    parser.add_argument(
-        "--memory-steps", type=int, default=3, help="Steps of each fresh-process memory run (0: skip them)."
+    common.add_round_arguments(parser, rounds=4)
+    common.add_device_arguments(
+        parser,
+        threads_help="torch.set_num_threads for the timing and memory runs (default: torch's choice; 1 with --quick).",
     )
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i].")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch.set_num_threads for the timing and memory runs (default: torch's choice; 1 with --quick).",
-    )
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--profile", action="store_true", help="Print torch.profiler tables of an sft and a cache run."
     )
     parser.add_argument("--profile-rows", type=int, default=25, help="Rows of each profiler table.")
-    parser.add_argument("--quick", action="store_true", help="Tiny models, few steps, no memory subprocesses.")
-    parser.add_argument("--write", action="store_true", help="Update docs/benchmarks.md even with --quick.")
-    parser.add_argument("--no-write", action="store_true", help="Do not update docs/benchmarks.md.")
-    parser.add_argument(
-        "--doc-section", default=SECTION, help=f"Marker name of the docs/benchmarks.md section (default {SECTION!r})."
+    common.add_write_arguments(
+        parser, SECTION, section_help=f"Marker name of the docs/benchmarks.md section (default {SECTION!r})."
     )
-    parser.add_argument("--timeout", type=float, default=1800, help="Seconds allowed per memory subprocess.")
-    parser.add_argument("--verbose", action="store_true", help="Show the memory subprocesses' output.")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    common.add_worker_arguments(parser)
     args = parser.parse_args(argv)
     args.ks = [int(k) for k in args.ks.split(",") if k.strip()]
     if args.quick:
         args.vocab, args.teacher_hidden, args.teacher_layers = 2048, 64, 2
         args.student_hidden, args.student_layers = 64, 1
         args.batch_size, args.seq_len, args.prompt_len = 4, 32, 4
-        args.rounds, args.warmup_steps, args.steps, args.memory_steps = 2, 1, 2, 0
-        if args.threads is None:
-            args.threads = 1
-    if args.memory_steps == 1:
-        args.memory_steps = 2  # one warm-up step and at least one more
+    common.finish_round_arguments(args)
     return args
 
 
 def ratio_line(rounds: dict, stats: dict, a: str, b: str, labels: dict, target: float | None) -> str:
-    paired = paired_ratios(rounds, a, b)
+    paired = common.paired_ratios(rounds, a, b)
     r_paired = common.median(paired)
     r_med = stats[a]["median"] / stats[b]["median"]
     r_mean = stats[a]["mean"] / stats[b]["mean"]
@@ -423,11 +400,7 @@ def main(argv=None) -> None:
     if args.worker is not None:
         common.emit_result(run_variant(json.loads(args.worker)))
         return
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
+    common.quiet_transformers()
     wall_start = time.perf_counter()
     variants = ["sft", *[f"cache{k}" for k in args.ks], "live"]
     labels = {v: variant_label(v, args.logprob_bits) for v in variants}
@@ -645,47 +618,19 @@ def main(argv=None) -> None:
             else " Memory: measured in the timing process (indicative only)."
         )
     )
-    body = "\n".join(
-        [
-            f"## Training step from a teacher cache vs SFT only, batch {args.batch_size} x {args.seq_len} "
-            "(`benchmarks/cache_step.py`)",
-            "",
-            setup_text,
-            "",
-            table,
-            "",
-            *ratio_lines,
-            "",
-            "Cache size:",
-            "",
-            cache_table,
-            "",
-            cache_notes,
-            "",
-            f"Machine: {machine}; load average after the timing phase {load_after_timing:.1f}. "
-            f"Total benchmark wall time {wall:.0f} s.",
-            "",
-            "Command:",
-            "",
-            "```bash",
-            common.command_line(),
-            "```",
-        ]
+    body = common.report_body(
+        f"## Training step from a teacher cache vs SFT only, batch {args.batch_size} x {args.seq_len} "
+        "(`benchmarks/cache_step.py`)",
+        setup_text,
+        table,
+        ratio_lines,
+        "Cache size:",
+        cache_table,
+        cache_notes,
+        common.timing_machine_line(machine, load_after_timing, wall),
     )
-    print()
-    print(setup_text)
-    print()
-    print(table)
-    print()
-    print("\n".join(ratio_lines))
-    print()
-    print(cache_table)
-    print()
-    print(cache_notes)
-    print()
-    print(f"Command: {common.command_line()}  (total {wall:.0f} s)")
-    if (not args.quick or args.write) and not args.no_write:
-        common.update_docs(args.doc_section, body)
+    common.print_summary([setup_text, table, "\n".join(ratio_lines), cache_table, cache_notes], wall)
+    common.maybe_update_docs(args, body)
     if not (same_ids and same_trained):
         print("WARNING: the trainers did not see the same tokens.", file=sys.stderr)
         sys.exit(1)

@@ -210,29 +210,22 @@ def parse_args(argv=None):
     parser.add_argument("--chunk-size", type=int, default=None, help="Our loss_chunk_size (default: ~64 MiB tiles).")
     parser.add_argument("--reps", type=int, default=1, help="Measured repetitions per variant (time = median).")
     parser.add_argument("--warmup-tokens", type=int, default=64, help="Tokens of the warm-up call (0: none).")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i].")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in the workers.")
-    parser.add_argument("--seed", type=int, default=0)
+    common.add_device_arguments(parser, threads_help="torch.set_num_threads in the workers.")
     parser.add_argument("--grad-rows", type=int, default=4096, help="LM-head gradient rows compared.")
-    parser.add_argument(
-        "--quick", action="store_true", help="Small sizes (N=256, H=64, V=8192, 3 reps) for a smoke run."
-    )
-    parser.add_argument("--write", action="store_true", help="Update docs/benchmarks.md even with --quick.")
-    parser.add_argument("--no-write", action="store_true", help="Do not update docs/benchmarks.md.")
-    parser.add_argument(
-        "--doc-section",
-        default=SECTION,
-        help=f"Marker name of the docs/benchmarks.md section to replace (default {SECTION!r}); use another name to "
-        "keep a run at other settings next to the default one.",
+    common.add_write_arguments(
+        parser, SECTION, quick_help="Small sizes (N=256, H=64, V=8192, 3 reps) for a smoke run."
     )
     parser.add_argument(
         "--force-naive",
         action="store_true",
         help="Run the naive loss even when it is estimated not to fit in the available memory.",
     )
-    parser.add_argument("--timeout", type=float, default=3600, help="Seconds allowed per worker process.")
-    parser.add_argument("--verbose", action="store_true", help="Show the workers' output.")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    common.add_worker_arguments(
+        parser,
+        timeout=3600,
+        timeout_help="Seconds allowed per worker process.",
+        verbose_help="Show the workers' output.",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.tokens, args.hidden, args.vocab = 256, 64, 8192
@@ -397,14 +390,8 @@ def main(argv=None) -> None:
             "```",
         ]
     )
-    print()
-    print(table)
-    print()
-    print(ratio_table)
-    print()
-    print(f"Command: {common.command_line()}  (total {wall:.0f} s)")
-    if (not args.quick or args.write) and not args.no_write:
-        common.update_docs(args.doc_section, body)
+    common.print_summary([table, ratio_table], wall)
+    common.maybe_update_docs(args, body)
     if any(row[-1] != "yes" for row in ratio_rows):
         print("WARNING: ours and naive disagree beyond tolerance.", file=sys.stderr)
         sys.exit(1)

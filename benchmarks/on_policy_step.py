@@ -328,81 +328,33 @@ def profile_phase(args, trainers: dict, variants: list[str]) -> dict:
     return out
 
 
-def memory_phase(args, base: dict, variants: list[str]) -> dict:
-    """Each variant in a fresh subprocess: build, reset the peak counter, train a few steps, read the peak."""
-    results = {}
-    for variant in variants:
-        spec = {
-            **base,
-            "variant": variant,
-            "name": f"{variant} (memory)",
-            "warmup_steps": 1,
-            "steps": args.memory_steps - 1,
-        }
-        print(f"Memory run (fresh process): {variant} ...", flush=True)
-        results[variant] = common.run_worker(__file__, spec, timeout=args.timeout, verbose=args.verbose)
-        m = results[variant]["memory"]
-        print(f"  {variant}: peak above setup {m['peak_above_mib']:.0f} MiB, peak {m['peak_mib']:.0f} MiB", flush=True)
-    return results
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vocab", type=int, default=32000, help="Vocabulary size (tokenizer and both models).")
-    parser.add_argument("--teacher-hidden", type=int, default=512)
-    parser.add_argument("--teacher-layers", type=int, default=4)
-    parser.add_argument("--student-hidden", type=int, default=256)
-    parser.add_argument("--student-layers", type=int, default=2)
+    common.add_model_size_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=8, help="Prompts per step.")
     parser.add_argument(
         "--prompt-len", type=int, default=13, help=f"User words per prompt (+{PROMPT_OVERHEAD} template tokens)."
     )
     parser.add_argument("--new-tokens", type=int, default=32, help="Generated tokens per completion (exactly).")
     parser.add_argument("--beta", type=float, default=0.5, help="Generalized JSD beta (both trainers).")
-    parser.add_argument("--rounds", type=int, default=5, help="Turns per variant (order rotated every round).")
-    parser.add_argument("--warmup-steps", type=int, default=1, help="Steps discarded at the start of every turn.")
-    parser.add_argument("--steps", type=int, default=4, help="Measured steps per turn.")
-    parser.add_argument(
-        "--memory-steps", type=int, default=3, help="Steps of each fresh-process memory run (0: skip them)."
-    )
+    common.add_round_arguments(parser, rounds=5)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="Comma-separated subset of ours,trl.")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i].")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch.set_num_threads for the timing and memory runs (default: torch's choice; 1 with --quick). On a "
-        "machine shared with other jobs, 1 avoids threads waiting on each other at every operation.",
-    )
-    parser.add_argument("--seed", type=int, default=0)
+    common.add_device_arguments(parser)
     parser.add_argument("--profile", action="store_true", help="cProfile one extra train() of each variant.")
     parser.add_argument("--profile-lines", type=int, default=40, help="Functions shown per profile.")
-    parser.add_argument("--quick", action="store_true", help="Tiny models, few steps, no memory subprocesses.")
-    parser.add_argument("--write", action="store_true", help="Update docs/benchmarks.md even with --quick.")
-    parser.add_argument("--no-write", action="store_true", help="Do not update docs/benchmarks.md.")
-    parser.add_argument(
-        "--doc-section",
-        default=SECTION,
-        help=f"Marker name of the docs/benchmarks.md section to replace (default {SECTION!r}).",
+    common.add_write_arguments(
+        parser,
+        SECTION,
+        section_help=f"Marker name of the docs/benchmarks.md section to replace (default {SECTION!r}).",
     )
-    parser.add_argument("--timeout", type=float, default=1800, help="Seconds allowed per memory subprocess.")
-    parser.add_argument("--verbose", action="store_true", help="Show the memory subprocesses' output.")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    common.add_worker_arguments(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.vocab, args.teacher_hidden, args.teacher_layers = 2048, 64, 2
         args.student_hidden, args.student_layers = 64, 1
         args.batch_size, args.prompt_len, args.new_tokens = 4, 5, 8
-        args.rounds, args.warmup_steps, args.steps, args.memory_steps = 2, 1, 2, 0
-        if args.threads is None:
-            args.threads = 1
-    if args.memory_steps == 1:
-        args.memory_steps = 2  # one warm-up step and at least one more
+    common.finish_round_arguments(args)
     return args
-
-
-def paired_ratios(rounds: dict, a: str, b: str) -> list[float]:
-    return [common.median(x["times"]) / common.median(y["times"]) for x, y in zip(rounds[a], rounds[b])]
 
 
 def main(argv=None) -> None:
@@ -410,16 +362,9 @@ def main(argv=None) -> None:
     if args.worker is not None:
         common.emit_result(run_variant(json.loads(args.worker)))
         return
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
+    common.quiet_transformers()
     wall_start = time.perf_counter()
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = set(variants) - set(VARIANTS)
-    if unknown:
-        raise SystemExit(f"Unknown variants {sorted(unknown)}; choose from {VARIANTS}.")
+    variants = common.parse_variants(args.variants, VARIANTS)
     machine = common.machine_description(args.device, args.threads)
     print(f"Command: {common.command_line()}")
     print(f"Machine: {machine}")
@@ -434,7 +379,7 @@ def main(argv=None) -> None:
     timing = timing_phase(args, base, variants)
     rounds = timing["rounds"]
     load_after_timing = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    isolated = memory_phase(args, base, variants) if args.memory_steps > 0 else {}
+    isolated = common.memory_phase(__file__, args, base, variants) if args.memory_steps > 0 else {}
 
     # Same prompts, same generated and trained tokens on both sides?
     expected_new = args.batch_size * args.new_tokens
@@ -506,7 +451,7 @@ def main(argv=None) -> None:
 
     lines = []
     if "ours" in stats and "trl" in stats:
-        paired = paired_ratios(rounds, "ours", "trl")
+        paired = common.paired_ratios(rounds, "ours", "trl")
         r_paired = common.median(paired)
         r_med = stats["ours"]["median"] / stats["trl"]["median"]
         r_mean = stats["ours"]["mean"] / stats["trl"]["mean"]
@@ -568,37 +513,16 @@ def main(argv=None) -> None:
             else " Memory: not measured (no fresh-process runs)."
         )
     )
-    body = "\n".join(
-        [
-            f"## On-policy step (lmbda 1), {args.batch_size} prompts x {args.new_tokens} new tokens: "
-            "DistillationTrainer vs trl.DistillationTrainer (`benchmarks/on_policy_step.py`)",
-            "",
-            setup,
-            "",
-            table,
-            "",
-            *lines,
-            "",
-            f"Machine: {machine}; load average after the timing phase {load_after_timing:.1f}. "
-            f"Total benchmark wall time {wall:.0f} s.",
-            "",
-            "Command:",
-            "",
-            "```bash",
-            common.command_line(),
-            "```",
-        ]
+    body = common.report_body(
+        f"## On-policy step (lmbda 1), {args.batch_size} prompts x {args.new_tokens} new tokens: "
+        "DistillationTrainer vs trl.DistillationTrainer (`benchmarks/on_policy_step.py`)",
+        setup,
+        table,
+        lines,
+        common.timing_machine_line(machine, load_after_timing, wall),
     )
-    print()
-    print(setup)
-    print()
-    print(table)
-    print()
-    print("\n".join(lines))
-    print()
-    print(f"Command: {common.command_line()}  (total {wall:.0f} s)")
-    if (not args.quick or args.write) and not args.no_write:
-        common.update_docs(args.doc_section, body)
+    common.print_summary([setup, table, "\n".join(lines)], wall)
+    common.maybe_update_docs(args, body)
     if not (tokens_ok and same_prompts):
         print("WARNING: the trainers did not generate / train on the same tokens or prompts.", file=sys.stderr)
         sys.exit(1)

@@ -344,79 +344,28 @@ def timing_phase(args, base: dict, variants: list[str]) -> dict:
     return {"rounds": rounds, "params": params}
 
 
-def memory_phase(args, base: dict, variants: list[str]) -> dict:
-    """Each variant in a fresh subprocess: build, reset the peak counter, train a few steps, read the peak."""
-    results = {}
-    for variant in variants:
-        spec = {
-            **base,
-            "variant": variant,
-            "round": 0,
-            "name": f"{variant} (memory)",
-            "warmup_steps": 1,
-            "steps": args.memory_steps - 1,
-        }
-        print(f"Memory run (fresh process): {variant} ...", flush=True)
-        results[variant] = common.run_worker(__file__, spec, timeout=args.timeout, verbose=args.verbose)
-        m = results[variant]["memory"]
-        print(f"  {variant}: peak above setup {m['peak_above_mib']:.0f} MiB, peak {m['peak_mib']:.0f} MiB", flush=True)
-    return results
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vocab", type=int, default=32000, help="Vocabulary size (tokenizer and both models).")
-    parser.add_argument("--teacher-hidden", type=int, default=512)
-    parser.add_argument("--teacher-layers", type=int, default=4)
-    parser.add_argument("--student-hidden", type=int, default=256)
-    parser.add_argument("--student-layers", type=int, default=2)
+    common.add_model_size_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=64, help="Tokens per sequence (all sequences equal).")
     parser.add_argument("--prompt-len", type=int, default=4, help="User words per sequence (not trained on).")
     parser.add_argument("--beta", type=float, default=0.5, help="Generalized JSD beta (ours and GKD).")
-    parser.add_argument("--rounds", type=int, default=4, help="Turns per variant (order rotated every round).")
-    parser.add_argument("--warmup-steps", type=int, default=1, help="Steps discarded at the start of every turn.")
-    parser.add_argument("--steps", type=int, default=4, help="Measured steps per turn.")
-    parser.add_argument(
-        "--memory-steps", type=int, default=3, help="Steps of each fresh-process memory run (0: skip them)."
-    )
+    common.add_round_arguments(parser, rounds=4)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="Comma-separated subset of ours,gkd,floor.")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i].")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch.set_num_threads for the timing and memory runs (default: torch's choice; 1 with --quick). On a "
-        "machine shared with other jobs, 1 avoids threads waiting on each other at every operation.",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="Tiny models, few steps, no memory subprocesses.")
-    parser.add_argument("--write", action="store_true", help="Update docs/benchmarks.md even with --quick.")
-    parser.add_argument("--no-write", action="store_true", help="Do not update docs/benchmarks.md.")
-    parser.add_argument(
-        "--doc-section",
-        default=SECTION,
-        help=f"Marker name of the docs/benchmarks.md section to replace (default {SECTION!r}); use another name to "
-        "keep a run at other settings next to the default one.",
-    )
-    parser.add_argument("--timeout", type=float, default=1800, help="Seconds allowed per memory subprocess.")
-    parser.add_argument("--verbose", action="store_true", help="Show the memory subprocesses' output.")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    common.add_device_arguments(parser)
+    common.add_write_arguments(parser, SECTION)
+    common.add_worker_arguments(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.vocab, args.teacher_hidden, args.teacher_layers = 2048, 64, 2
         args.student_hidden, args.student_layers = 64, 1
         args.batch_size, args.seq_len, args.prompt_len = 4, 32, 4
-        args.rounds, args.warmup_steps, args.steps, args.memory_steps = 2, 1, 2, 0
-        if args.threads is None:
-            args.threads = 1  # tiny ops: thread barriers would dominate on a busy machine
-    if args.memory_steps == 1:
-        args.memory_steps = 2  # one warm-up step and at least one more
+    common.finish_round_arguments(args)
     return args
 
 
-def paired_ratios(rounds: dict, a: str, b: str) -> list[float]:
-    return [common.median(x["times"]) / common.median(y["times"]) for x, y in zip(rounds[a], rounds[b])]
+paired_ratios = common.paired_ratios  # imported from here by cache_step.py
 
 
 def main(argv=None) -> None:
@@ -424,17 +373,10 @@ def main(argv=None) -> None:
     if args.worker is not None:
         common.emit_result(run_variant(json.loads(args.worker)))
         return
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
+    common.quiet_transformers()
     wall_start = time.perf_counter()
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = set(variants) - set(VARIANTS)
-    if unknown:
-        raise SystemExit(f"Unknown variants {sorted(unknown)}; choose from {VARIANTS}.")
+    variants = common.parse_variants(args.variants, VARIANTS)
     machine = common.machine_description(args.device, args.threads)
     print(f"Command: {common.command_line()}")
     print(f"Machine: {machine}")
@@ -447,7 +389,7 @@ def main(argv=None) -> None:
     timing = timing_phase(args, base, variants)
     rounds = timing["rounds"]
     load_after_timing = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    isolated = memory_phase(args, base, variants) if args.memory_steps > 0 else {}
+    isolated = common.memory_phase(__file__, args, base, variants, round=0) if args.memory_steps > 0 else {}
 
     # Same tokens for every trainer?
     summaries = {v: rounds[v][0]["first_batch"] for v in variants}
@@ -549,37 +491,16 @@ def main(argv=None) -> None:
             else " Memory: measured in the timing process (indicative only)."
         )
     )
-    body = "\n".join(
-        [
-            f"## Training step, batch {args.batch_size} x {args.seq_len}: DistillationTrainer vs GKDTrainer vs "
-            "SFT + teacher forward (`benchmarks/train_step.py`)",
-            "",
-            setup,
-            "",
-            table,
-            "",
-            *ratio_lines,
-            "",
-            f"Machine: {machine}; load average after the timing phase {load_after_timing:.1f}. "
-            f"Total benchmark wall time {wall:.0f} s.",
-            "",
-            "Command:",
-            "",
-            "```bash",
-            common.command_line(),
-            "```",
-        ]
+    body = common.report_body(
+        f"## Training step, batch {args.batch_size} x {args.seq_len}: DistillationTrainer vs GKDTrainer vs "
+        "SFT + teacher forward (`benchmarks/train_step.py`)",
+        setup,
+        table,
+        ratio_lines,
+        common.timing_machine_line(machine, load_after_timing, wall),
     )
-    print()
-    print(setup)
-    print()
-    print(table)
-    print()
-    print("\n".join(ratio_lines))
-    print()
-    print(f"Command: {common.command_line()}  (total {wall:.0f} s)")
-    if (not args.quick or args.write) and not args.no_write:
-        common.update_docs(args.doc_section, body)
+    common.print_summary([setup, table, "\n".join(ratio_lines)], wall)
+    common.maybe_update_docs(args, body)
     if not (same_ids and same_trained):
         print("WARNING: the trainers did not see the same tokens.", file=sys.stderr)
         sys.exit(1)

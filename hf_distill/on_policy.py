@@ -25,7 +25,7 @@ from torch import nn
 
 from .generation import GenerationSchedule, GenerationSettings, on_policy_batch
 
-__all__ = ["OnPolicyGenerator", "add_empty_completions", "is_prompt_only"]
+__all__ = ["OnPolicyGenerator", "OnPolicyTrainingMixin", "add_empty_completions", "is_prompt_only"]
 
 
 def is_prompt_only(dataset: Any) -> bool:
@@ -100,3 +100,37 @@ class OnPolicyGenerator:
             vocab_limit=self.vocab_limit if source == "teacher" else None,
             prompt_end="last",  # GKD's: in a multi-turn conversation every turn before the last trained one
         )
+
+
+class OnPolicyTrainingMixin:
+    """`training_step` that swaps a micro-batch for generated completions when the trainer's `_generator` (an
+    [`OnPolicyGenerator`], or `None`) says so. Goes before the `Trainer` class in the bases."""
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor | Any], num_items_in_batch: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`Trainer.training_step`, after swapping the batch's completions for generated ones when the `lmbda` /
+        `seq_kd` schedule says so (see `hf_distill/on_policy.py`)."""
+        if self._generator is not None:
+            source = self._generator.next_source(self.state.global_step, self.args.gradient_accumulation_steps)
+            if source != "dataset":
+                inputs, num_items_in_batch = self._generated_batch(model, inputs, source)
+            self._metrics["train"]["on_policy"].append(float(source == "student"))
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _generated_batch(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor | Any], source: str
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        from trl.models import unwrap_model_for_generation
+
+        if source == "student":
+            with unwrap_model_for_generation(model, self.accelerator) as unwrapped:
+                batch = self._generator.generate(unwrapped, inputs, source)
+        else:
+            batch = self._generator.generate(self.accelerator.unwrap_model(self.teacher_model), inputs, source)
+        # The step's token count was taken from the dataset's completions: this micro-batch is normalised by its own
+        # (over all processes, like `num_items_in_batch`), weighing 1 / accumulation steps of the step
+        count = (batch["labels"][:, 1:] != -100).sum()
+        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            count = self.accelerator.gather(count.reshape(1)).sum()
+        return batch, count * self._accumulation_steps()

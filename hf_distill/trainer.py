@@ -24,9 +24,10 @@ from trl.trainer.utils import disable_dropout_in_model
 from .config import DistillationConfig
 from .dataset_checks import check_dataset_columns
 from .losses import DistillationLossOutput, HiddenStateTeacher, LMHead, TopKTeacher, chunked_distillation_loss
+from .metrics import DistillationMetricsMixin
 from .model_card import write_model_card
 from .model_forward import forward_hidden_states, unwrap_peft
-from .on_policy import OnPolicyGenerator, add_empty_completions, is_prompt_only
+from .on_policy import OnPolicyGenerator, OnPolicyTrainingMixin, add_empty_completions, is_prompt_only
 from .resumable import ResumableTrainerMixin
 from .teachers.cache import TeacherCache
 from .teachers.cached import cached_teacher_targets, open_training_cache, write_training_cache
@@ -46,10 +47,8 @@ logger = logging.get_logger(__name__)
 
 __all__ = ["DistillationTrainer", "check_dataset_columns"]
 
-_METRIC_NAMES = ("distill_loss", "ce_loss", "teacher_agreement", "mean_token_accuracy", "entropy")
 
-
-class DistillationTrainer(ResumableTrainerMixin, SFTTrainer):
+class DistillationTrainer(ResumableTrainerMixin, OnPolicyTrainingMixin, DistillationMetricsMixin, SFTTrainer):
     """Distil a teacher into a student with the SFTTrainer interface.
 
     Change `SFTTrainer`/`SFTConfig` to `DistillationTrainer`/[`DistillationConfig`] and pass `teacher_model=`:
@@ -288,37 +287,6 @@ class DistillationTrainer(ResumableTrainerMixin, SFTTrainer):
             show_progress=show_progress,
         )
 
-    # On-policy / sequence-level batches ----------------------------------------------------------------------------
-
-    def training_step(
-        self, model: nn.Module, inputs: dict[str, torch.Tensor | Any], num_items_in_batch: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """`Trainer.training_step`, after swapping the batch's completions for generated ones when the `lmbda` /
-        `seq_kd` schedule says so (see `hf_distill/on_policy.py`)."""
-        if self._generator is not None:
-            source = self._generator.next_source(self.state.global_step, self.args.gradient_accumulation_steps)
-            if source != "dataset":
-                inputs, num_items_in_batch = self._generated_batch(model, inputs, source)
-            self._metrics["train"]["on_policy"].append(float(source == "student"))
-        return super().training_step(model, inputs, num_items_in_batch)
-
-    def _generated_batch(
-        self, model: nn.Module, inputs: dict[str, torch.Tensor | Any], source: str
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        from trl.models import unwrap_model_for_generation
-
-        if source == "student":
-            with unwrap_model_for_generation(model, self.accelerator) as unwrapped:
-                batch = self._generator.generate(unwrapped, inputs, source)
-        else:
-            batch = self._generator.generate(self.accelerator.unwrap_model(self.teacher_model), inputs, source)
-        # The step's token count was taken from the dataset's completions: this micro-batch is normalised by its own
-        # (over all processes, like `num_items_in_batch`), weighing 1 / accumulation steps of the step
-        count = (batch["labels"][:, 1:] != -100).sum()
-        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
-            count = self.accelerator.gather(count.reshape(1)).sum()
-        return batch, count * self._accumulation_steps()
-
     # The loss ------------------------------------------------------------------------------------------------------
 
     def compute_loss(
@@ -424,62 +392,6 @@ class DistillationTrainer(ResumableTrainerMixin, SFTTrainer):
         if not pre_shifted:
             hidden = hidden[:, :-1]
         return HiddenStateTeacher(hidden[mask.to(hidden.device)], teacher_lm_head(teacher), device)
-
-    def _accumulation_steps(self) -> int:
-        # Set by `Trainer`'s training loop (smaller for the last step of an epoch); absent outside of `train()`
-        return getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
-
-    # Metrics -------------------------------------------------------------------------------------------------------
-
-    def _record_metrics(
-        self,
-        mode: str,
-        result: DistillationLossOutput,
-        inputs: dict[str, torch.Tensor],
-        num_items_in_batch: torch.Tensor | int | None,
-    ) -> None:
-        """Log per-token means, like `loss`: in training, sums over the micro-batches of one optimizer step divided by
-        the step's token count (`num_items_in_batch`); in evaluation, per batch."""
-        device = result.loss.device
-        zero = torch.zeros((), device=device)
-
-        def value(tensor: torch.Tensor | None) -> torch.Tensor:
-            return (zero if tensor is None else tensor).to(device, torch.float32)
-
-        per_step = mode == "train" and num_items_in_batch is not None
-        if per_step:
-            # Each rank's share of the step's tokens: `num_items_in_batch` is global when averaged across devices
-            share = float(num_items_in_batch)
-            if self.args.average_tokens_across_devices:
-                share /= self.accelerator.num_processes
-            count = torch.tensor(share, device=device)
-        else:
-            count = torch.tensor(float(result.num_tokens), device=device)
-        local = torch.stack(
-            [
-                value(result.distill_sum),
-                value(result.ce_sum),
-                value(result.agree_count),
-                value(result.correct_count),
-                value(getattr(result, "entropy_sum", None)),
-                count,
-            ]
-        )
-        # `gather`, not `gather_for_metrics`: the latter trims the last evaluation batch by sample count
-        totals = self.accelerator.gather(local.unsqueeze(0)).sum(0)
-        n = totals[-1].item()
-        if n > 0:
-            # Mean over micro-batches of (sum / step tokens * steps) = per-token mean of each step, averaged over steps
-            scale = self._accumulation_steps() if per_step else 1
-            for name, total in zip(_METRIC_NAMES, totals[:-1].tolist()):
-                self._metrics[mode][name].append(total / n * scale)
-        if mode == "train":
-            if "attention_mask" in inputs:
-                seen = inputs["attention_mask"].sum()
-            else:
-                seen = torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)
-            self._total_train_tokens += int(self.accelerator.gather(seen.reshape(1)).sum().item())
-        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
     # Saving --------------------------------------------------------------------------------------------------------
 

@@ -1,0 +1,71 @@
+"""The distillation metrics a trainer logs beside `loss`: per-token means of each optimizer step."""
+
+from __future__ import annotations
+
+import torch
+
+from .losses import DistillationLossOutput
+
+__all__ = ["METRIC_NAMES", "DistillationMetricsMixin"]
+
+METRIC_NAMES = ("distill_loss", "ce_loss", "teacher_agreement", "mean_token_accuracy", "entropy")
+"""Logged per token: the divergence, the student's cross-entropy, teacher-student top-1 agreement, the student's
+accuracy on the labels and its entropy."""
+
+
+class DistillationMetricsMixin:
+    """`_record_metrics` and `_accumulation_steps` for an `SFTTrainer` subclass (its `_metrics` dictionary)."""
+
+    def _accumulation_steps(self) -> int:
+        # Set by `Trainer`'s training loop (smaller for the last step of an epoch); absent outside of `train()`
+        return getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+
+    def _record_metrics(
+        self,
+        mode: str,
+        result: DistillationLossOutput,
+        inputs: dict[str, torch.Tensor],
+        num_items_in_batch: torch.Tensor | int | None,
+    ) -> None:
+        """Log per-token means, like `loss`: in training, sums over the micro-batches of one optimizer step divided by
+        the step's token count (`num_items_in_batch`); in evaluation, per batch."""
+        device = result.loss.device
+        zero = torch.zeros((), device=device)
+
+        def value(tensor: torch.Tensor | None) -> torch.Tensor:
+            return (zero if tensor is None else tensor).to(device, torch.float32)
+
+        per_step = mode == "train" and num_items_in_batch is not None
+        if per_step:
+            # Each rank's share of the step's tokens: `num_items_in_batch` is global when averaged across devices
+            share = float(num_items_in_batch)
+            if self.args.average_tokens_across_devices:
+                share /= self.accelerator.num_processes
+            count = torch.tensor(share, device=device)
+        else:
+            count = torch.tensor(float(result.num_tokens), device=device)
+        local = torch.stack(
+            [
+                value(result.distill_sum),
+                value(result.ce_sum),
+                value(result.agree_count),
+                value(result.correct_count),
+                value(getattr(result, "entropy_sum", None)),
+                count,
+            ]
+        )
+        # `gather`, not `gather_for_metrics`: the latter trims the last evaluation batch by sample count
+        totals = self.accelerator.gather(local.unsqueeze(0)).sum(0)
+        n = totals[-1].item()
+        if n > 0:
+            # Mean over micro-batches of (sum / step tokens * steps) = per-token mean of each step, averaged over steps
+            scale = self._accumulation_steps() if per_step else 1
+            for name, total in zip(METRIC_NAMES, totals[:-1].tolist()):
+                self._metrics[mode][name].append(total / n * scale)
+        if mode == "train":
+            if "attention_mask" in inputs:
+                seen = inputs["attention_mask"].sum()
+            else:
+                seen = torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)
+            self._total_train_tokens += int(self.accelerator.gather(seen.reshape(1)).sum().item())
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
