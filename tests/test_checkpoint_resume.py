@@ -476,3 +476,19 @@ def test_two_processes_stop_together_when_one_is_signalled_and_resume(tmp_path):
     actual = load_file(tmp_path / "run" / "model.safetensors")
     for name, value in expected.items():
         torch.testing.assert_close(actual[name], value, rtol=0, atol=1e-6)
+
+
+def test_second_ctrl_c_interrupts_like_python_does():
+    """Ctrl-C twice raises KeyboardInterrupt (a notebook kernel survives it) instead of ending the process."""
+    resumer = CheckpointResumer()
+    resumer.install_signal_handlers()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert resumer.received == "SIGINT" and not resumer.preempted  # the first: finish the step, then save
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    finally:
+        resumer.restore_signal_handlers()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -75,6 +75,9 @@ class CheckpointResumer(TrainerCallback):
     def _handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
         if self.received is not None:
+            if signum == signal.SIGINT:  # Ctrl-C twice: Python's own interrupt (a notebook's kernel survives it)
+                print("hf_distill: second Ctrl-C: interrupting now, without saving.", file=sys.stderr, flush=True)
+                raise KeyboardInterrupt
             print(f"hf_distill: second signal ({name}) received: exiting now, without saving.", file=sys.stderr)
             sys.stderr.flush()
             os._exit(128 + signum)
