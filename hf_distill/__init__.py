@@ -10,6 +10,10 @@ import typing as _typing
 __version__ = "0.1.0"
 
 _LAZY = {
+    "BitLinear": "hf_distill.bitnet",
+    "BitNetCallback": "hf_distill.callbacks",
+    "LambdaSchedule": "hf_distill.bitnet",
+    "convert_to_bitnet": "hf_distill.bitnet",
     "CheckpointResumer": "hf_distill.callbacks",
     "PREEMPTED_EXIT_CODE": "hf_distill.callbacks",
     "TrainingPreempted": "hf_distill.callbacks",
@@ -35,6 +39,10 @@ _LAZY = {
 }
 
 __all__ = [
+    "BitLinear",
+    "BitNetCallback",
+    "LambdaSchedule",
+    "convert_to_bitnet",
     "DIVERGENCE_NAMES",
     "PREEMPTED_EXIT_CODE",
     "CheckpointResumer",
@@ -60,7 +68,8 @@ __all__ = [
 ]
 
 if _typing.TYPE_CHECKING:
-    from .callbacks import PREEMPTED_EXIT_CODE, CheckpointResumer, TrainingPreempted
+    from .bitnet import BitLinear, LambdaSchedule, convert_to_bitnet
+    from .callbacks import PREEMPTED_EXIT_CODE, BitNetCallback, CheckpointResumer, TrainingPreempted
     from .checkpoints import IncompleteCheckpointWarning, ResumePoint, find_resumable_checkpoint
     from .config import DistillationConfig
     from .dataset_checks import check_dataset_columns
