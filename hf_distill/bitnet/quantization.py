@@ -41,12 +41,12 @@ def ternarize(weight: torch.Tensor, eps: float = EPS) -> tuple[torch.Tensor, tor
 
     Returns:
         `tuple[torch.Tensor, torch.Tensor]`: `int8` codes in `{-1, 0, 1}` (the shape of `weight`) and the float32 scale
-        `alpha` (0-d).
+        `alpha` (0-d), `1 / (1 / mean|W|)`: equal to `mean|W|` up to one rounding, and exactly the magnitude of the
+        non-zero entries of `Q(W)`.
     """
-    alpha = weight_scale(weight, eps)
-    inv = 1.0 / alpha
+    inv = 1.0 / weight_scale(weight, eps)
     codes = (weight.detach().float() * inv).round().clamp(-1, 1).to(torch.int8)
-    return codes, alpha
+    return codes, 1.0 / inv  # `codes * (1 / inv)` is bit-identical to `Q(W) = codes / inv`
 
 
 def quantize_weight(weight: torch.Tensor, eps: float = EPS) -> torch.Tensor:
