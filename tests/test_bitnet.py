@@ -245,3 +245,23 @@ def test_gradient_of_training_step_through_sub_norms():
     model(ids, labels=ids).loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_sub_norms_follow_a_replaced_projection():
+    """A quantizer or PEFT replacing `o_proj` / `down_proj` after the insertion keeps the sub-norm in the path."""
+    model = make_model(64, hidden_size=32)
+    convert_to_bitnet(model, sub_norm=True)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "_sub_norm" in name:
+                p.uniform_(0.5, 1.5)
+    ids = torch.randint(0, 64, (2, 10))
+    expected = model(ids).logits
+    for layer in model.model.layers:
+        for parent, name in ((layer.self_attn, "o_proj"), (layer.mlp, "down_proj")):
+            old = getattr(parent, name)
+            new = BitLinear.from_linear(torch.nn.Linear(old.in_features, old.out_features, bias=False))
+            new.weight = old.weight
+            setattr(parent, name, new)
+    torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=0)
+    torch.testing.assert_close(copy.deepcopy(model)(ids).logits, expected, rtol=0, atol=0)

@@ -63,6 +63,20 @@ def _sub_norm_pre_hook(norm: nn.Module, module: nn.Module, args: tuple) -> tuple
     return (norm(args[0]), *args[1:])
 
 
+def _hook_projection(parent: nn.Module, proj_name: str, norm_name: str) -> None:
+    """Make `parent.<proj_name>` normalize its input with `parent.<norm_name>` (once per projection module)."""
+    proj, norm = getattr(parent, proj_name), getattr(parent, norm_name)
+    if getattr(proj, "_hf_distill_sub_norm", None) is not norm:
+        proj.register_forward_pre_hook(functools.partial(_sub_norm_pre_hook, norm))
+        object.__setattr__(proj, "_hf_distill_sub_norm", norm)  # a plain reference, not a registered submodule
+
+
+def _ensure_projection_hook(proj_name: str, norm_name: str, parent: nn.Module, args: tuple) -> None:
+    # A pre-hook of the attention / MLP block: if the projection was replaced since (a quantizer swapping linear
+    # layers, PEFT wrapping it), the new module gets the sub-norm hook before it runs.
+    _hook_projection(parent, proj_name, norm_name)
+
+
 def _insert_sub_norms(model: nn.Module) -> list[str]:
     """RMSNorms before `o_proj` and `down_proj` of every decoder layer, named as in transformers' BitNet model."""
     eps = getattr(model.config, "rms_norm_eps", 1e-6)
@@ -80,7 +94,9 @@ def _insert_sub_norms(model: nn.Module) -> list[str]:
             norm = norm_cls(proj.in_features, eps=eps) if norm_cls is not None else nn.RMSNorm(proj.in_features, eps)
             norm.to(device=w.device, dtype=w.dtype)
             setattr(parent, attr, norm)
-            proj.register_forward_pre_hook(functools.partial(_sub_norm_pre_hook, norm))
+            proj_name = "o_proj" if parent is attn else "down_proj"
+            _hook_projection(parent, proj_name, attr)
+            parent.register_forward_pre_hook(functools.partial(_ensure_projection_hook, proj_name, attr))
             inserted.append(f"{name}.{'self_attn' if parent is attn else 'mlp'}.{attr}")
     if not inserted:
         raise ValueError(
