@@ -90,6 +90,11 @@ if _typing.TYPE_CHECKING:
     from .trainer import DistillationTrainer
 
 
+from .registration import install as _install_registration  # noqa: E402
+
+_install_registration()  # the model types of hf_distill.models, once transformers' Auto classes load
+
+
 def __getattr__(name: str) -> object:
     # Names of `_LAZY` are imported on first access and then cached as module globals.
     if name in _LAZY:
