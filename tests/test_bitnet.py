@@ -156,7 +156,7 @@ def test_errors_are_clear():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
     with pytest.raises(ValueError, match="Conv1D"):
         convert_to_bitnet(gpt2)
-    with pytest.raises(ValueError, match="sub_norm=True needs"):
+    with pytest.raises(ValueError, match="sub_norm=True supports the model types"):
         convert_to_bitnet(GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2)), ["wte"], sub_norm=True)
 
 
@@ -217,6 +217,10 @@ def test_saved_checkpoint_reloads_in_stock_transformers_and_in_hf_distill(tmp_pa
     reloaded = load_bitnet_student(tmp_path / "sub")
     assert torch.equal(reloaded.model.layers[1].mlp.ffn_sub_norm.weight, sub.model.layers[1].mlp.ffn_sub_norm.weight)
     torch.testing.assert_close(reloaded(ids).logits, sub(ids).logits, rtol=0, atol=0)
+    # a Llama with sub-norms is saved as transformers' `bitnet` type: stock transformers keeps the sub-norms
+    stock_sub = AutoModelForCausalLM.from_pretrained(tmp_path / "sub")
+    assert type(stock_sub).__name__ == "BitNetForCausalLM"
+    torch.testing.assert_close(stock_sub(ids).logits, sub(ids).logits, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="not a BitNet checkpoint"):
         make_model(64, hidden_size=32).save_pretrained(tmp_path / "fp")
         load_bitnet_student(tmp_path / "fp")
@@ -265,3 +269,25 @@ def test_sub_norms_follow_a_replaced_projection():
             setattr(parent, name, new)
     torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=0)
     torch.testing.assert_close(copy.deepcopy(model)(ids).logits, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
+def test_sub_norms_on_other_families_save_as_a_registered_type(tmp_path, family):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, num_key_value_heads=2, **sizes))
+    result = convert_to_bitnet(model, sub_norm=True)
+    assert len(result.sub_norms) == 4 and model.config.model_type == f"{family}_bitnet_sub_norm"
+    with torch.no_grad():
+        model.model.layers[0].self_attn.attn_sub_norm.weight.fill_(0.6)
+    ids = torch.randint(0, 64, (2, 9))
+    expected = model(ids).logits
+    model.save_pretrained(tmp_path)
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path)  # online QAT layers, with the sub-norms
+    assert type(stock.model.layers[0].self_attn.o_proj).__name__ == "AutoBitLinear"
+    # eager: transformers compiles its quantizers, and a 1e-7 difference can move an activation across an int8 step
+    with torch.compiler.set_stance("force_eager"):
+        torch.testing.assert_close(stock(ids).logits, expected, rtol=0, atol=0)
+    torch.testing.assert_close(load_bitnet_student(tmp_path)(ids).logits, expected, rtol=0, atol=0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import dataclass, field
 
@@ -59,50 +58,76 @@ def bitlinear_layers(model: nn.Module) -> dict[str, BitLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, BitLinear)}
 
 
-def _sub_norm_pre_hook(norm: nn.Module, module: nn.Module, args: tuple) -> tuple:
-    return (norm(args[0]), *args[1:])
+SUB_NORM_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+"""Model types `sub_norm=True` supports: Llama becomes transformers' `bitnet` type, the others hf_distill's own."""
 
 
-def _hook_projection(parent: nn.Module, proj_name: str, norm_name: str) -> None:
-    """Make `parent.<proj_name>` normalize its input with `parent.<norm_name>` (once per projection module)."""
-    proj, norm = getattr(parent, proj_name), getattr(parent, norm_name)
-    if getattr(proj, "_hf_distill_sub_norm", None) is not norm:
-        proj.register_forward_pre_hook(functools.partial(_sub_norm_pre_hook, norm))
-        object.__setattr__(proj, "_hf_distill_sub_norm", norm)  # a plain reference, not a registered submodule
+LLAMA_LIKE_MODEL_TYPES = ("llama", "mistral", "bitnet")
+"""Model types whose layout transformers' `bitnet` type can hold (with sub-norms)."""
 
 
-def _ensure_projection_hook(proj_name: str, norm_name: str, parent: nn.Module, args: tuple) -> None:
-    # A pre-hook of the attention / MLP block: if the projection was replaced since (a quantizer swapping linear
-    # layers, PEFT wrapping it), the new module gets the sub-norm hook before it runs.
-    _hook_projection(parent, proj_name, norm_name)
+def bitnet_incompatibilities(model: nn.Module) -> list[str]:
+    """Why a Llama-like student cannot be transformers' `bitnet` model type (empty when it can)."""
+    config = model.config
+    reasons: list[str] = []
+    if config.model_type not in LLAMA_LIKE_MODEL_TYPES:
+        reasons.append(f"model_type {config.model_type!r} is not Llama's (supported: {LLAMA_LIKE_MODEL_TYPES})")
+    if getattr(config, "mlp_bias", False):
+        reasons.append("its MLP has biases (mlp_bias=True)")
+    names = dict(model.named_modules())
+    attn = next((m for n, m in names.items() if n.endswith(".self_attn")), None)
+    if attn is not None:
+        biases = {p: getattr(getattr(attn, p, None), "bias", None) is not None for p in ("q_proj", "o_proj")}
+        if biases["q_proj"] != biases["o_proj"]:
+            reasons.append("q/k/v have biases but o_proj has none (Qwen2-style attention)")
+        extra = [p for p in ("q_norm", "k_norm") if hasattr(attn, p)]
+        if extra:
+            reasons.append(f"its attention has {'/'.join(extra)} (Qwen3-style)")
+    heads, hidden = config.num_attention_heads, config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    if head_dim * heads != hidden:
+        reasons.append(f"head_dim * num_attention_heads = {head_dim} * {heads} != hidden_size {hidden}")
+    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+        reasons.append(f"it uses sliding-window attention (sliding_window={config.sliding_window})")
+    return reasons
 
 
-def _insert_sub_norms(model: nn.Module) -> list[str]:
-    """RMSNorms before `o_proj` and `down_proj` of every decoder layer, named as in transformers' BitNet model."""
-    eps = getattr(model.config, "rms_norm_eps", 1e-6)
-    inserted: list[str] = []
-    for name, module in model.named_modules():
-        attn, mlp = getattr(module, "self_attn", None), getattr(module, "mlp", None)
-        o_proj, down_proj = getattr(attn, "o_proj", None), getattr(mlp, "down_proj", None)
-        if not (isinstance(o_proj, nn.Linear) and isinstance(down_proj, nn.Linear)):
-            continue
-        norm_cls = type(module.input_layernorm) if hasattr(module, "input_layernorm") else None
-        for parent, proj, attr in ((attn, o_proj, "attn_sub_norm"), (mlp, down_proj, "ffn_sub_norm")):
-            if hasattr(parent, attr):
-                raise ValueError(f"`{name}` already has a `{attr}`: the model has sub-norms already.")
-            w = proj.weight
-            norm = norm_cls(proj.in_features, eps=eps) if norm_cls is not None else nn.RMSNorm(proj.in_features, eps)
-            norm.to(device=w.device, dtype=w.dtype)
-            setattr(parent, attr, norm)
-            proj_name = "o_proj" if parent is attn else "down_proj"
-            _hook_projection(parent, proj_name, attr)
-            parent.register_forward_pre_hook(functools.partial(_ensure_projection_hook, proj_name, attr))
-            inserted.append(f"{name}.{'self_attn' if parent is attn else 'mlp'}.{attr}")
-    if not inserted:
+def has_sub_norms(model: nn.Module) -> bool:
+    """Whether `model` has BitNet sub-norms (`attn_sub_norm` / `ffn_sub_norm` modules)."""
+    return any(name.endswith(("attn_sub_norm", "ffn_sub_norm")) for name, _ in model.named_modules())
+
+
+def _add_sub_norms(model: nn.Module) -> list[str]:
+    """Insert the sub-norms and give the model the type that saves and reloads them (see `hf_distill.models`)."""
+    from ..models.bitnet_sub_norm import SUB_NORM_MODELS, insert_sub_norms
+
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUB_NORM_FAMILIES:
         raise ValueError(
-            "sub_norm=True needs decoder layers with `self_attn.o_proj` and `mlp.down_proj` (Llama-family models: "
-            f"Llama, Mistral, Qwen2/3, ...); `{type(model).__name__}` has none. Use sub_norm=False."
+            f"sub_norm=True supports the model types {SUB_NORM_FAMILIES}; `{type(model).__name__}` is "
+            f"{model_type!r}. Use sub_norm=False."
         )
+    if model_type == "llama":
+        from transformers import BitNetConfig
+
+        reasons = bitnet_incompatibilities(model)
+        if reasons:
+            raise ValueError(
+                "A Llama student with sub-norms becomes transformers' `bitnet` model type, but this one cannot: "
+                f"{'; '.join(reasons)}. Use sub_norm=False."
+            )
+    inserted = insert_sub_norms(model)
+    # The same weights and modules, saved under a type that has the sub-norms: stock transformers' `bitnet` for Llama
+    # (Llama + these two norms), or hf_distill's registered `<family>_bitnet_sub_norm` (a subclass of the family's
+    # config and model that only adds the norms). Only the classes change, no state.
+    if model_type == "llama":
+        config.__class__ = BitNetConfig
+        config.architectures = ["BitNetForCausalLM"]
+    else:
+        config_cls, model_cls = SUB_NORM_MODELS[model_type]
+        config.__class__ = config_cls
+        model.__class__ = model_cls
     return inserted
 
 
@@ -128,7 +153,11 @@ def convert_to_bitnet(
             default, as in transformers: include `"lm_head"` to keep the head.
         sub_norm (`bool`, *optional*, defaults to `False`): Insert an RMSNorm before `o_proj` and `down_proj` of each
             decoder layer (the SubLN of BitNet Distillation, arXiv 2510.13998), named `self_attn.attn_sub_norm` and
-            `mlp.ffn_sub_norm` as in transformers' `bitnet` model. Llama-family models only.
+            `mlp.ffn_sub_norm` as in transformers' `bitnet` model. Model types in `SUB_NORM_FAMILIES`: a Llama
+            student's config becomes transformers' `BitNetConfig` (Llama + sub-norms is exactly that model), a
+            Qwen2/Qwen3/Mistral student becomes hf_distill's registered `<family>_bitnet_sub_norm` type, so that
+            `save_pretrained` writes a checkpoint that reloads with its sub-norms. A model that has sub-norms already
+            (a `bitnet` model, or a reloaded student) keeps them.
         activation_bits (`int`, *optional*, defaults to `8`): Width of the activation integers.
 
     Returns:
@@ -162,8 +191,8 @@ def convert_to_bitnet(
     for name in targets:
         model.set_submodule(name, BitLinear.from_linear(model.get_submodule(name), activation_bits))
     result.converted = targets
-    if sub_norm:  # after the swap: the hooks go on the BitLinear layers
-        result.sub_norms = _insert_sub_norms(model)
+    if sub_norm and not has_sub_norms(model):  # after the swap: the hooks go on the BitLinear layers
+        result.sub_norms = _add_sub_norms(model)
     config = getattr(model, "config", None)
     if config is not None:
         from transformers import BitNetQuantConfig
@@ -171,7 +200,6 @@ def convert_to_bitnet(
         config.quantization_config = BitNetQuantConfig(
             linear_class="autobitlinear", quantization_mode="online", modules_to_not_convert=patterns
         )
-        config.bitnet_sub_norm = bool(sub_norm)
     return result
 
 

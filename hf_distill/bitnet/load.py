@@ -14,8 +14,9 @@ def load_bitnet_student(path: str | os.PathLike, dtype=None, **kwargs) -> nn.Mod
 
     The checkpoint holds the latent full-precision weights and a transformers `BitNetQuantConfig` in `autobitlinear`
     / `online` mode. Stock `from_pretrained` also loads it (with transformers' `AutoBitLinear`); this function gives
-    hf_distill's [`BitLinear`] layers instead, at lambda 1, with the same layers kept in full precision and the
-    sub-norms restored, ready for more training or for the packed and GGUF exports.
+    hf_distill's [`BitLinear`] layers instead, at lambda 1, with the same layers kept in full precision (a student
+    with sub-norms is saved as transformers' `bitnet` type or a type hf_distill registers, which has them), ready
+    for more training or for the packed and GGUF exports.
 
     Args:
         path (`str` or `os.PathLike`): A local checkpoint folder (or a Hub id).
@@ -46,30 +47,8 @@ def load_bitnet_student(path: str | os.PathLike, dtype=None, **kwargs) -> nn.Mod
             f"quantization_mode={quant.get('quantization_mode')!r}), not latent QAT weights; load it with "
             "transformers' AutoModelForCausalLM.from_pretrained for inference."
         )
-    sub_norm = bool(getattr(config, "bitnet_sub_norm", False)) and config.model_type != "bitnet"
     del config.quantization_config
     model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **kwargs)
-    convert_to_bitnet(model, quant.get("modules_to_not_convert"), sub_norm=sub_norm)
-    if sub_norm:  # the plain model ignored the sub-norm weights: load them now
-        _load_sub_norms(model, path)
+    convert_to_bitnet(model, quant.get("modules_to_not_convert"))  # sub-norms, if any, are part of the model type
     set_bitnet_lambda(model, 1.0)
     return model
-
-
-def _load_sub_norms(model: nn.Module, path: str | os.PathLike) -> None:
-    import glob
-
-    from safetensors import safe_open
-
-    params = {k: v for k, v in model.named_parameters() if "_sub_norm." in k}
-    files = sorted(glob.glob(os.path.join(os.fspath(path), "*.safetensors")))
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                if key in params:
-                    params.pop(key).data.copy_(f.get_tensor(key))
-    if params:
-        raise ValueError(
-            f"{path} is a BitNet checkpoint with sub-norms (bitnet_sub_norm: true) but {len(params)} sub-norm weights "
-            f"are missing from its safetensors files (first: {next(iter(params))}). The checkpoint is incomplete."
-        )
