@@ -7,7 +7,13 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("hf_distill.cli.demo", "hf_distill.cli.distill", "hf_distill.cli.cache_teacher", "hf_distill.cli.env")
+COMMANDS = (
+    "hf_distill.cli.demo",
+    "hf_distill.cli.distill",
+    "hf_distill.cli.cache_teacher",
+    "hf_distill.cli.export",
+    "hf_distill.cli.env",
+)
 """Modules that each define one sub-command through `add_parser(subparsers)`."""
 
 
