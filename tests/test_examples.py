@@ -141,3 +141,23 @@ def test_on_policy_example(tmp_path):
     assert summary["steps"] == 20
     logged = [entry for entry in _trainer_state(out)["log_history"] if "loss" in entry]
     assert all(entry["on_policy"] == 1.0 for entry in logged)  # a prompt-only dataset: every batch generated
+
+
+def test_bitnet_example(tmp_path):
+    out = tmp_path / "out"
+    summary = _run([sys.executable, str(EXAMPLES / "bitnet_distill.py"), "--tiny", "--output-dir", str(out)], tmp_path)
+    assert summary["steps"] == 30 and summary["last_loss"] < summary["first_loss"]
+    qat = json.loads((out / "config.json").read_text())["quantization_config"]
+    packed = json.loads((out / "packed" / "config.json").read_text())["quantization_config"]
+    assert (qat["quant_method"], qat["linear_class"], qat["quantization_mode"]) == (
+        "bitnet",
+        "autobitlinear",
+        "online",
+    )
+    assert (packed["linear_class"], packed["quantization_mode"]) == ("bitlinear", "offline")
+    from safetensors import safe_open
+
+    with safe_open(str(out / "packed" / "model.safetensors"), framework="pt") as f:
+        up = f.get_tensor("model.layers.0.mlp.up_proj.weight")
+    config = json.loads((out / "config.json").read_text())
+    assert up.dtype == torch.uint8 and tuple(up.shape) == (config["intermediate_size"] // 4, config["hidden_size"])
