@@ -543,7 +543,7 @@ def main(argv=None) -> None:
         "bytes on disk / scored token",
         "payload bytes / scored token",
         "payload bytes / kept logit",
-        "expected (long rows)",
+        "upper bound (any ids)",
         "disk bytes / kept logit",
         "vs float32 full logits",
         "teacher mass in the top k",

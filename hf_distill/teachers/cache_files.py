@@ -26,10 +26,9 @@ from typing import Any
 import numpy as np
 
 from ..fs import fsync_dir
-from .cache_keys import TeacherCacheError
+from .cache_keys import FORMAT_VERSION, TeacherCacheError
 
 FORMAT_NAME = "hf_distill.teacher_cache"
-FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 INDEX_FILE = "index.safetensors"
 
@@ -65,7 +64,8 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise TeacherCacheError(
             f"The teacher cache at {path} has format version {manifest.get('format_version')}; this hf_distill "
-            f"reads version {FORMAT_VERSION}. Rebuild it with `hf-distill cache-teacher`."
+            f"reads version {FORMAT_VERSION} only. Rebuild it with `hf-distill cache-teacher` (the format version is "
+            "part of the cache key, so the new cache gets its own folder); this one can then be deleted."
         )
     return manifest
 

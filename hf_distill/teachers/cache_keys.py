@@ -15,7 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
-SETTING_KEYS = ("vocab_size", "k", "temperature", "logprob_bits")
+FORMAT_VERSION = 2
+"""Version of the on-disk cache format (2: gap-coded token ids, log-probs in id order). Readers refuse other versions;
+it is part of every cache key, so [`cache_dir_for`] gives a new format its own folder."""
+
+SETTING_KEYS = ("vocab_size", "k", "temperature", "logprob_bits", "format_version")
 """Settings the writer adds to (and checks against) the caller's key, so they always change the key hash."""
 
 
@@ -137,7 +141,7 @@ def key_hash(key: dict[str, Any]) -> str:
 
 
 def cache_key(key: dict[str, Any], *, vocab_size: int, k: int, temperature: float, logprob_bits: int) -> dict:
-    """The full key a cache is stored under: the caller's `key` plus `vocab_size`, `k`, `temperature`, `logprob_bits`.
+    """The full key a cache is stored under: the caller's `key` plus the settings and the format version.
 
     Args:
         key (`dict`): The caller's key (teacher, tokenizer and dataset fingerprints, max length, packing, ...).
@@ -147,7 +151,8 @@ def cache_key(key: dict[str, Any], *, vocab_size: int, k: int, temperature: floa
         logprob_bits (`int`): Log-prob width.
 
     Returns:
-        `dict`: A normalised copy of `key` with the four settings.
+        `dict`: A normalised copy of `key` with `vocab_size`, `k`, `temperature`, `logprob_bits` and
+        `format_version` ([`FORMAT_VERSION`]).
 
     Raises:
         ValueError: If `key` already holds one of those settings with another value.
@@ -155,6 +160,7 @@ def cache_key(key: dict[str, Any], *, vocab_size: int, k: int, temperature: floa
     full = _normalize_key(key)
     settings = {"vocab_size": int(vocab_size), "k": int(k), "temperature": float(temperature)}
     settings["logprob_bits"] = int(logprob_bits)
+    settings["format_version"] = FORMAT_VERSION
     for name, value in settings.items():
         if name in full and full[name] != value:
             raise ValueError(f"The cache key says {name}={full[name]!r} but the writer was given {name}={value!r}.")
@@ -275,6 +281,7 @@ def fingerprint_tokenizer(tokenizer: Any) -> str:
 
 
 __all__ = [
+    "FORMAT_VERSION",
     "RowNotCachedError",
     "TeacherCacheError",
     "batch_row_keys",
