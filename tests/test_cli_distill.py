@@ -135,6 +135,14 @@ def test_bad_input_gives_one_line_and_non_zero_exit(tmp_path, assets):
             ["distill", *_models(assets), *data, "--accelerate_config", "eight_gpus"],
             "neither a file nor a preset",
         ),
+        "bitnet option alone": (
+            ["distill", *_models(assets), *data, "--bitnet_sub_norm", "true"],
+            "--bitnet_sub_norm has no effect without --bitnet",
+        ),
+        "bad bitnet schedule": (
+            ["distill", *_models(assets), *data, "--bitnet", "true", "--bitnet_schedule", "cosine"],
+            "--bitnet_schedule must be one of",
+        ),
     }
     processes = {
         name: subprocess.Popen(
@@ -155,6 +163,21 @@ def test_bad_input_gives_one_line_and_non_zero_exit(tmp_path, assets):
         prefix = "hf-distill: error: " if name == "unknown command" else "hf-distill distill: error: "
         assert errors[0].startswith(prefix) and cases[name][1] in errors[0], (name, errors[0])
     assert not (tmp_path / "never").exists()
+
+
+def test_bitnet_flags_train_a_ternary_student(tmp_path, assets):
+    out = tmp_path / "out"
+    argv = ["distill", *_models(assets), "--dataset_name", assets["data"], "--output_dir", str(out), *TRAINING]
+    argv += ["--max_length", "32", "--bitnet", "true", "--bitnet_warmup_steps", "2", "--bitnet_sub_norm", "true"]
+    assert main(argv) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "bitnet"  # a Llama student with sub-norms is transformers' BitNet
+    assert config["quantization_config"]["quant_method"] == "bitnet"
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model.model.layers[0].mlp.up_proj).__name__ == "AutoBitLinear"
+    assert model.model.layers[0].mlp.ffn_sub_norm.weight.shape == (model.config.intermediate_size,)
 
 
 def _free_port() -> int:

@@ -144,7 +144,9 @@ def run(argv: list[str]) -> int:
 def _run(argv: list[str]) -> int:
     argv = split_equals(split_equals(argv, "--config"), "--accelerate_config")
     recipe_path, recipe = read_recipe(argv)  # env: block first, before torch or the Hub client are imported
-    parser = make_parser()
+    from hf_distill.bitnet.arguments import BitNetArguments
+
+    parser = make_parser(extra_types=(BitNetArguments,))
     known = {action.dest for action in parser._actions} | {"env"}
     recipe_extras = {key: value for key, value in recipe.items() if key not in known}
     try:
@@ -153,7 +155,7 @@ def _run(argv: list[str]) -> int:
         )
     except ValueError as error:  # a dataclass's __post_init__ refused a value
         raise CliError(str(error)) from None
-    script_args, training_args, model_args, dataset_args = outputs
+    script_args, training_args, model_args, dataset_args, bitnet_args = outputs
     # started by our own relaunch, or by `accelerate launch` / `torchrun` directly: never launch again
     launched = os.environ.get(LAUNCHED_ENV) == "1" or "LOCAL_RANK" in os.environ or "ACCELERATE_USE_CPU" in os.environ
     accelerate_config = namespace.accelerate_config
@@ -170,7 +172,7 @@ def _run(argv: list[str]) -> int:
     _check_required(script_args, training_args, model_args, dataset_args)
     if accelerate_config and not launched:
         return launch(argv, accelerate_config, recipe_extras, cli_remaining)
-    train(script_args, training_args, model_args, dataset_args)
+    train(script_args, training_args, model_args, dataset_args, callbacks=[c for c in [bitnet_args.callback()] if c])
     return 0
 
 
@@ -196,7 +198,9 @@ def _split(dataset, split: str, flag: str):
     return dataset[split]
 
 
-def build_trainer(script_args, training_args, model_args, dataset_args, with_teacher: bool = True):
+def build_trainer(
+    script_args, training_args, model_args, dataset_args, with_teacher: bool = True, callbacks: list | None = None
+):
     """Load the dataset, the student and the teacher (or the teacher cache) into a `DistillationTrainer`.
 
     Args:
@@ -205,6 +209,7 @@ def build_trainer(script_args, training_args, model_args, dataset_args, with_tea
         model_args (`trl.ModelConfig`): the student (`model_name_or_path`, dtype, PEFT, quantization).
         dataset_args (`trl.DatasetMixtureConfig`): a mixture of datasets; when set, `dataset_name` is ignored.
         with_teacher (`bool`, *optional*, defaults to `True`): Load the teacher model (no teacher with a cache).
+        callbacks (`list[TrainerCallback]`, *optional*): Extra callbacks (`--bitnet`'s [`BitNetCallback`]).
 
     Returns:
         [`DistillationTrainer`]
@@ -242,12 +247,13 @@ def build_trainer(script_args, training_args, model_args, dataset_args, with_tea
             eval_dataset=eval_dataset,
             quantization_config=get_quantization_config(model_args),
             peft_config=get_peft_config(model_args),
+            callbacks=callbacks,
         )
     except (ValueError, OSError, ImportError, TeacherCacheError) as error:
         raise CliError(str(error)) from None
 
 
-def train(script_args, training_args, model_args, dataset_args):
+def train(script_args, training_args, model_args, dataset_args, callbacks: list | None = None):
     """Load the dataset, student and teacher, distil, save: the body of TRL's `sft.py`, for `DistillationTrainer`.
 
     Args:
@@ -255,6 +261,7 @@ def train(script_args, training_args, model_args, dataset_args):
         training_args ([`DistillationConfig`]): the training and distillation configuration.
         model_args (`trl.ModelConfig`): the student (`model_name_or_path`, dtype, PEFT, quantization).
         dataset_args (`trl.DatasetMixtureConfig`): a mixture of datasets; when set, `dataset_name` is ignored.
+        callbacks (`list[TrainerCallback]`, *optional*): Extra callbacks (`--bitnet`'s [`BitNetCallback`]).
 
     Returns:
         [`DistillationTrainer`]: the trainer, after training and saving.
@@ -271,7 +278,9 @@ def train(script_args, training_args, model_args, dataset_args):
     from hf_distill.callbacks import PREEMPTED_EXIT_CODE, TrainingPreempted
 
     with_teacher = training_args.teacher_cache is None
-    trainer = build_trainer(script_args, training_args, model_args, dataset_args, with_teacher=with_teacher)
+    trainer = build_trainer(
+        script_args, training_args, model_args, dataset_args, with_teacher=with_teacher, callbacks=callbacks
+    )
     resume = training_args.resume_from_checkpoint
     try:
         checkpoint = trainer.resolve_resume_checkpoint(resume)  # bad input: one line, before any training
