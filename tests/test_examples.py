@@ -111,12 +111,14 @@ def test_recipe_parses(recipe):
     from trl import ModelConfig, ScriptArguments, TrlParser
 
     from hf_distill import DistillationConfig
+    from hf_distill.bitnet.arguments import BitNetArguments
 
     text = recipe.read_text()
     assert "GPU memory" in text and "hf-distill distill --config" in text
-    parser = TrlParser((ScriptArguments, DistillationConfig, ModelConfig))
-    # fail_with_unknown_args (the default) rejects any key that is not a field of the three dataclasses
-    script_args, config, model_args = parser.parse_args_and_config(["--config", str(recipe)])
+    parser = TrlParser((ScriptArguments, DistillationConfig, ModelConfig, BitNetArguments))
+    # fail_with_unknown_args (the default) rejects any key that is not a field of the four dataclasses
+    script_args, config, model_args, bitnet_args = parser.parse_args_and_config(["--config", str(recipe)])
+    assert bitnet_args.bitnet == ("bitnet" in recipe.stem)
     assert script_args.dataset_name
     assert model_args.model_name_or_path and config.teacher_model_name_or_path
     assert model_args.model_name_or_path != config.teacher_model_name_or_path
