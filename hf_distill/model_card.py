@@ -199,6 +199,7 @@ def build_model_card(
     num_processes: int = 1,
     global_step: int | None = None,
     epoch: float | None = None,
+    bitnet: str | None = None,
 ) -> ModelCard:
     """A model card for a distilled student.
 
@@ -217,6 +218,8 @@ def build_model_card(
         command (`str`, *optional*): The command that started the run (see [`reproduce_command`]).
         num_processes (`int`, *optional*, defaults to 1): Number of training processes.
         global_step (`int`, *optional*), epoch (`float`, *optional*): How far training went.
+        bitnet (`str`, *optional*): How the student was made ternary (see
+            [`BitNetCallback.describe_for_card`]); adds the `bitnet` tag.
     """
     import datasets
     import torch
@@ -251,6 +254,9 @@ def build_model_card(
     settings.append(("teacher signal", _teacher_signal(args)))
     if getattr(args, "lmbda", None) or getattr(args, "seq_kd", False):
         settings.append(("completions", _completion_sources(args)))
+    if bitnet:
+        settings.append(("student weights", bitnet))
+        tags = [*(tags or []), "bitnet", "1.58-bit"]
 
     eval_metrics = eval_metrics_from_log_history(log_history, eval_set_names)
     eval_results, eval_rows = [], []
@@ -354,6 +360,7 @@ def write_model_card(
     from .model_forward import unwrap_peft
 
     model = unwrap_peft(trainer.model)  # PEFT: the wrapped model's config
+    bitnet = next((cb for cb in trainer.callback_handler.callbacks if hasattr(cb, "describe_for_card")), None)
     card = build_model_card(
         model_name=model_name or os.path.basename(os.path.normpath(trainer.args.output_dir)),
         student_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None),
@@ -369,6 +376,7 @@ def write_model_card(
         num_processes=getattr(trainer.args, "world_size", 1),
         global_step=getattr(trainer.state, "global_step", None),
         epoch=getattr(trainer.state, "epoch", None),
+        bitnet=bitnet.describe_for_card() if bitnet is not None else None,
     )
     path = os.path.join(output_dir, "README.md")
     card.save(path)

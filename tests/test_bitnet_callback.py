@@ -108,6 +108,10 @@ def test_distillation_trainer_with_bitnet_lowers_the_loss(tmp_path):
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
     assert recorder.seen[-1][1:] == (1.0, 1.0)
     assert all(isinstance(m, BitLinear) for n, m in trainer.model.named_modules() if n.endswith("up_proj"))
+    trainer.save_model(str(tmp_path / "saved"))
+    card = (tmp_path / "saved" / "README.md").read_text()
+    assert "ternary BitNet b1.58 (14 linear layers; lm_head kept in full precision)" in card
+    assert "lambda warm-up linear over 10 steps" in card and "- bitnet" in card
 
 
 class StopAt(TrainerCallback):

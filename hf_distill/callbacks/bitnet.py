@@ -94,6 +94,19 @@ class BitNetCallback(TrainerCallback):
         )
         return self.conversion
 
+    def describe_for_card(self) -> str | None:
+        """One line for the model card: what is ternary and how lambda was scheduled (`None` before conversion)."""
+        if self.conversion is None:
+            return None
+        c = self.conversion
+        text = (
+            f"ternary BitNet b1.58 ({len(c.converted)} linear layers; {', '.join(c.skipped) or 'none'} kept in full "
+            f"precision), {self.activation_bits}-bit activations, lambda warm-up {self.weight_schedule.describe()}"
+        )
+        if self.activation_schedule is not self.weight_schedule:
+            text += f" (activations: {self.activation_schedule.describe()})"
+        return text + (", with BitNet Distillation sub-norms" if c.sub_norms else "")
+
     def on_init_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         if optimizer is not None:
             raise ValueError(
