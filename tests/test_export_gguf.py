@@ -198,6 +198,17 @@ def test_llama_arch_roundtrip(tmp_path, bpe, ternary_type):
     )
 
 
+def test_f16_baseline_stores_the_same_ternary_values_unpacked(tmp_path, bpe):
+    model = make_student(len(bpe))
+    report = export_gguf(model, tmp_path / "f16.gguf", tokenizer=bpe, ternary_type="F16")
+    assert report.tensor_types == {"F16": 16, "F32": 5} and report.bits_per_ternary_weight == 16
+    fields, tensors = read(tmp_path / "f16.gguf")
+    assert fields["general.file_type"] == gguf.LlamaFileType.MOSTLY_F16
+    codes, alpha = model.model.layers[1].mlp.down_proj.ternary_weight()
+    got = dequant(tensors["blk.1.ffn_down.weight"])
+    np.testing.assert_array_equal(got, (codes.float() * alpha).numpy().astype(np.float16).astype(np.float32))
+
+
 def test_bitnet_arch_sub_norms(tmp_path, bpe):
     model = make_student(len(bpe), sub_norm=True, tie=True)
     report = export_gguf(model, tmp_path / "b.gguf", tokenizer=bpe)

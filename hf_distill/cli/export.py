@@ -62,9 +62,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--ternary_type",
-        choices=("TQ2_0", "TQ1_0"),
+        choices=("TQ2_0", "TQ1_0", "F16"),
         default=None,
-        help="gguf only: llama.cpp type of the ternary tensors (default: TQ2_0).",
+        help="gguf only: llama.cpp type of the ternary tensors (default: TQ2_0; F16: unpacked, a baseline).",
     )
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing non-empty output.")
 

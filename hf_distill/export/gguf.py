@@ -44,7 +44,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "bitnet", "mistral_bitnet_sub_norm"
 student with sub-norms has transformers' `bitnet` type (Llama + sub-norms), a Mistral one hf_distill's
 `mistral_bitnet_sub_norm`."""
 
-TERNARY_TYPES = ("TQ2_0", "TQ1_0")
+TERNARY_TYPES = ("TQ2_0", "TQ1_0", "F16")
 _BLOCK = 256  # QK_K: the TQ block size along a row
 
 # HF module path (under `model.`) -> gguf tensor; `{bid}` is the layer index.
@@ -204,8 +204,9 @@ def export_gguf(
         output_path (`str` or `os.PathLike`): The `.gguf` file to write.
         tokenizer (`PreTrainedTokenizerFast`, *optional*): The student's tokenizer; defaults to the one saved with the
             checkpoint. Byte-level BPE tokenizers (GPT-2, Llama-3 and Qwen2 style) are supported.
-        ternary_type (`str`, *optional*, defaults to `"TQ2_0"`): `"TQ2_0"` (2.06 bits per weight, the faster one) or
-            `"TQ1_0"` (1.69 bits per weight).
+        ternary_type (`str`, *optional*, defaults to `"TQ2_0"`): `"TQ2_0"` (2.06 bits per weight, the faster one),
+            `"TQ1_0"` (1.69 bits per weight), or `"F16"` (the same ternary values unpacked, 16 bits: a baseline, or
+            for a llama.cpp build without the TQ types).
         arch (`str`, *optional*): llama.cpp architecture, `"llama"` or `"bitnet"`; defaults to `"bitnet"` when the
             student has sub-norms and `"llama"` otherwise (these are also the only valid choices).
         overwrite (`bool`, *optional*, defaults to `False`): Replace an existing file.
@@ -271,6 +272,7 @@ def export_gguf(
     rope_theta, rope_linear = _rope(config, model)
     gguf_arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
     qtype = gguf.GGMLQuantizationType[ternary_type]
+    block = 1 if ternary_type == "F16" else _BLOCK  # F16 (the unpacked baseline) has no row-size constraint
 
     # Map and convert every tensor before touching the disk: an unsupported model fails here with nothing written.
     tensors: list[tuple[str, np.ndarray, gguf.GGMLQuantizationType]] = []
@@ -293,7 +295,9 @@ def export_gguf(
         if arch == "llama" and kind in (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K):
             data = _permute(data, n_head if kind == gguf.MODEL_TENSOR.ATTN_Q else n_head_kv)
         if layer is not None:
-            if data.shape[-1] % _BLOCK == 0:
+            if ternary_type == "F16":
+                stored, dtype = data.astype(np.float16), qtype
+            elif data.shape[-1] % block == 0:
                 stored, dtype = gguf.quants.quantize(data, qtype), qtype
             else:
                 stored, dtype = data.astype(np.float16), gguf.GGMLQuantizationType.F16
@@ -343,9 +347,8 @@ def export_gguf(
             writer.add_value_length(head_dim)
         writer.add_vocab_size(vocab_size)
         n_ternary = sum(t[2] == qtype for t in tensors)
-        writer.add_file_type(
-            gguf.LlamaFileType[f"MOSTLY_{ternary_type}"] if n_ternary else gguf.LlamaFileType.MOSTLY_F16
-        )
+        packed = n_ternary and ternary_type != "F16"
+        writer.add_file_type(gguf.LlamaFileType[f"MOSTLY_{ternary_type}"] if packed else gguf.LlamaFileType.MOSTLY_F16)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         write_gguf_vocab(writer, vocab)
         for gname, stored, dtype in tensors:
