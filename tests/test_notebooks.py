@@ -53,6 +53,7 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     text = "\n".join(output.get("text", "") for output in outputs)
     assert "reloaded logits match" in text
     assert "exact match" in text
+    assert "packed ternary model reloaded: BitLinear" in text and "ternary  perplexity" in text
     assert (tmp_path / "outputs" / "quickstart" / "student" / "config.json").is_file()
     # the curves cell drew a figure
     assert any("image/png" in output.get("data", {}) for output in outputs)
