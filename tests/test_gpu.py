@@ -134,3 +134,32 @@ def test_teacher_quantized_with_bitsandbytes(tmp_path, bits):
         losses[name] = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     assert losses["quantized"][-1] < losses["quantized"][0]
     assert losses["quantized"][0] == pytest.approx(losses["full"][0], rel=0.1)
+
+
+def test_bitnet_student_trains_in_bf16_on_cuda_and_its_packed_export_loads_there(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_distill import BitNetCallback
+    from hf_distill.export import export_packed
+
+    tokenizer = make_tokenizer()
+    trainer = DistillationTrainer(
+        model=make_model(len(tokenizer)),
+        teacher_model=peaky_teacher(len(tokenizer)),
+        args=config(tmp_path, max_steps=20, bf16=True, learning_rate=3e-3),
+        train_dataset=lm_dataset(32),
+        processing_class=tokenizer,
+        callbacks=[BitNetCallback(schedule="linear", warmup_steps=5)],
+    )
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    model = trainer.model.eval()
+    ids = torch.tensor([tokenizer("the cat sat on the mat")["input_ids"]], device=model.device)
+    with torch.no_grad():
+        expected = model(ids).logits.float()
+    export_packed(model, tmp_path / "packed", tokenizer=tokenizer, dtype=torch.float32)
+    packed = AutoModelForCausalLM.from_pretrained(tmp_path / "packed", device_map="cuda")
+    with torch.no_grad():
+        got = packed(ids.to("cuda")).logits.float()
+    assert ((got.cpu() - expected.cpu()).norm() / expected.norm().cpu()) < 5e-3
