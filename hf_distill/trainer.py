@@ -266,13 +266,16 @@ class DistillationTrainer(ResumableTrainerMixin, OnPolicyTrainingMixin, Distilla
         batch_size: int | None = None,
         rows_per_shard: int = 1024,
         show_progress: bool = True,
+        tail_samples: int = 0,
+        seed: int = 0,
     ) -> TeacherCache:
         """Run the teacher once over the prepared training set and store its top-k log-probs for later runs.
 
         The rows are this trainer's own (same tokenisation, truncation, masks and collator), so a run with
         `DistillationConfig(teacher_cache=cache.path)` finds every batch row in the cache and loads no teacher. The
         cache lands in `root/<key hash>/`: rerunning with the same inputs reuses it without a teacher forward, and an
-        interrupted write resumes. See [`write_training_cache`] for the arguments.
+        interrupted write resumes. `tail_samples > 0` samples that many of the k ids from the teacher's tail (an
+        unbiased target, forward KL only). See [`write_training_cache`] for the arguments.
 
         Returns:
             [`TeacherCache`]: The complete cache (`cache.path` is the folder to train from).
@@ -285,6 +288,8 @@ class DistillationTrainer(ResumableTrainerMixin, OnPolicyTrainingMixin, Distilla
             batch_size=batch_size,
             rows_per_shard=rows_per_shard,
             show_progress=show_progress,
+            tail_samples=tail_samples,
+            seed=seed,
         )
 
     # The loss ------------------------------------------------------------------------------------------------------

@@ -46,6 +46,15 @@ class CacheTeacherArguments:
     cache_batch_size: int | None = field(
         default=None, metadata={"help": "Rows per teacher forward (default: per_device_train_batch_size)."}
     )
+    cache_tail_samples: int = field(
+        default=0,
+        metadata={
+            "help": "Of the cache_top_k ids per position, how many to sample from the teacher's tail (0 <= N < "
+            "cache_top_k; 0: the exact top k). An unbiased target for divergence=forward_kl only; see "
+            "docs/teacher_cache.md."
+        },
+    )
+    cache_seed: int = field(default=0, metadata={"help": "Seed of the tail sampling (with --cache_tail_samples)."})
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -95,6 +104,16 @@ def _run(argv: list[str]) -> int:
         raise CliError("--teacher_cache reads a cache; cache-teacher writes one: drop --teacher_cache")
     if cache_args.cache_top_k <= 0:
         raise CliError(f"argument --cache_top_k: must be a positive integer, got {cache_args.cache_top_k}")
+    if not 0 <= cache_args.cache_tail_samples < cache_args.cache_top_k:
+        raise CliError(
+            f"argument --cache_tail_samples: must be between 0 and --cache_top_k - 1 ({cache_args.cache_top_k - 1}), "
+            f"got {cache_args.cache_tail_samples}"
+        )
+    if cache_args.cache_tail_samples and training_args.divergence != "forward_kl":
+        raise CliError(
+            f"--cache_tail_samples: a cache with a sampled tail trains only with --divergence forward_kl (an unbiased "
+            f"target for it alone), but this recipe uses divergence={training_args.divergence!r}"
+        )
     _check_required(script_args, training_args, model_args, dataset_args)
     trainer = build_trainer(script_args, training_args, model_args, dataset_args)
     try:
@@ -104,6 +123,8 @@ def _run(argv: list[str]) -> int:
             logprob_bits=cache_args.cache_logprob_bits,
             batch_size=cache_args.cache_batch_size,
             rows_per_shard=cache_args.cache_rows_per_shard,
+            tail_samples=cache_args.cache_tail_samples,
+            seed=cache_args.cache_seed,
         )
     except ValueError as error:
         raise CliError(str(error)) from None
@@ -111,7 +132,9 @@ def _run(argv: list[str]) -> int:
     print(
         f"Teacher cache: {cache.path}\n"
         f"  {len(cache)} rows, {manifest.get('scored_positions')} scored positions, k={cache.k}, "
-        f"{cache.logprob_bits}-bit log-probs, {cache.bytes_per_logit:.3f} bytes per kept logit\n"
+        f"{cache.logprob_bits}-bit log-probs, {cache.bytes_per_logit:.3f} bytes per kept logit"
+        + (f", {cache.tail_samples} of the k ids sampled from the tail" if cache.tail_samples else "")
+        + "\n"
         f"Train from it with the same flags plus: --teacher_cache {cache.path}"
     )
     return 0

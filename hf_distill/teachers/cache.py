@@ -32,7 +32,8 @@ class CachedRow:
     Attributes:
         ids (`torch.LongTensor`): `[n, k]` token ids, sorted by log-prob descending.
         log_probs (`torch.FloatTensor`): `[n, k]` `log_softmax(logits / T)` over the full vocabulary (float32).
-        rest_log_prob (`torch.FloatTensor`): `[n]` log of the probability outside the k ids (`-inf` when k = V).
+        rest_log_prob (`torch.FloatTensor`): `[n]` log of the probability outside the k ids (`-inf` when k = V, and
+            with a sampled tail).
     """
 
     ids: torch.Tensor
@@ -57,6 +58,10 @@ class TeacherCache:
         manifest (`dict`): The parsed manifest.
         key (`dict`): The full key the cache was written with.
         vocab_size (`int`), k (`int`), temperature (`float`), logprob_bits (`int`): The settings.
+        tail_samples (`int`): Of the `k` ids per position, how many were sampled from the teacher's tail (`0`: the
+            exact top k). When positive, the stored distribution is an unbiased estimate of the teacher's: the rest is
+            `-inf` and only `divergence="forward_kl"` may train from it (see `docs/teacher_cache.md`).
+        tail_seed (`int`): The seed of the tail sampling (`0` without one).
     """
 
     def __init__(self, path: Path, manifest: dict[str, Any], row_keys: np.ndarray, max_loaded_shards: int = 2):
@@ -67,6 +72,8 @@ class TeacherCache:
         self.k = int(manifest["k"])
         self.temperature = float(manifest["temperature"])
         self.logprob_bits = int(manifest["logprob_bits"])
+        self.tail_samples = int(manifest.get("tail_samples", 0))
+        self.tail_seed = int(manifest.get("tail_seed", 0))
         self._shards = manifest["shards"]
         self._starts = np.cumsum([0] + [s["rows"] for s in self._shards]).tolist()
         self._keys = [bytes(r).hex() for r in row_keys]
@@ -247,9 +254,10 @@ class TeacherCache:
         )
 
     def __repr__(self) -> str:
+        tail = f"tail_samples={self.tail_samples}, " if self.tail_samples else ""
         return (
             f"TeacherCache({str(self.path)!r}, rows={len(self)}, vocab_size={self.vocab_size}, k={self.k}, "
-            f"temperature={self.temperature}, logprob_bits={self.logprob_bits}, "
+            f"temperature={self.temperature}, logprob_bits={self.logprob_bits}, {tail}"
             f"bytes_per_logit={self.bytes_per_logit:.3f})"
         )
 

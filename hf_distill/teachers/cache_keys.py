@@ -22,6 +22,9 @@ it is part of every cache key, so [`cache_dir_for`] gives a new format its own f
 SETTING_KEYS = ("vocab_size", "k", "temperature", "logprob_bits", "format_version")
 """Settings the writer adds to (and checks against) the caller's key, so they always change the key hash."""
 
+TAIL_SETTING_KEYS = ("tail_samples", "tail_seed")
+"""Settings added to the key only when `tail_samples > 0` (a sampled tail), so that keys without one are unchanged."""
+
 
 class TeacherCacheError(RuntimeError):
     """A teacher cache cannot be used or written: missing, incomplete, corrupt, or made with another key."""
@@ -140,7 +143,16 @@ def key_hash(key: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def cache_key(key: dict[str, Any], *, vocab_size: int, k: int, temperature: float, logprob_bits: int) -> dict:
+def cache_key(
+    key: dict[str, Any],
+    *,
+    vocab_size: int,
+    k: int,
+    temperature: float,
+    logprob_bits: int,
+    tail_samples: int = 0,
+    seed: int = 0,
+) -> dict:
     """The full key a cache is stored under: the caller's `key` plus the settings and the format version.
 
     Args:
@@ -149,18 +161,29 @@ def cache_key(key: dict[str, Any], *, vocab_size: int, k: int, temperature: floa
         k (`int`): Token ids kept per position.
         temperature (`float`): Temperature of the stored log-probs.
         logprob_bits (`int`): Log-prob width.
+        tail_samples (`int`, *optional*, defaults to `0`): Of the `k` ids, how many are sampled from the teacher's
+            tail (see `docs/teacher_cache.md`); `0` keeps the exact top k.
+        seed (`int`, *optional*, defaults to `0`): Seed of the tail sampling (only used when `tail_samples > 0`).
 
     Returns:
         `dict`: A normalised copy of `key` with `vocab_size`, `k`, `temperature`, `logprob_bits` and
-        `format_version` ([`FORMAT_VERSION`]).
+        `format_version` ([`FORMAT_VERSION`]), plus `tail_samples` and `tail_seed` when `tail_samples > 0` (a key
+        without a sampled tail is exactly as before).
 
     Raises:
         ValueError: If `key` already holds one of those settings with another value.
     """
     full = _normalize_key(key)
-    settings = {"vocab_size": int(vocab_size), "k": int(k), "temperature": float(temperature)}
+    settings: dict[str, Any] = {"vocab_size": int(vocab_size), "k": int(k), "temperature": float(temperature)}
     settings["logprob_bits"] = int(logprob_bits)
     settings["format_version"] = FORMAT_VERSION
+    if tail_samples:
+        settings["tail_samples"] = int(tail_samples)
+        settings["tail_seed"] = int(seed)
+    else:
+        for name in TAIL_SETTING_KEYS:
+            if name in full:
+                raise ValueError(f"The cache key says {name}={full[name]!r} but the writer samples no tail.")
     for name, value in settings.items():
         if name in full and full[name] != value:
             raise ValueError(f"The cache key says {name}={full[name]!r} but the writer was given {name}={value!r}.")
@@ -283,6 +306,8 @@ def fingerprint_tokenizer(tokenizer: Any) -> str:
 __all__ = [
     "FORMAT_VERSION",
     "RowNotCachedError",
+    "SETTING_KEYS",
+    "TAIL_SETTING_KEYS",
     "TeacherCacheError",
     "batch_row_keys",
     "cache_dir_for",

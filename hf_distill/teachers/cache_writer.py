@@ -31,6 +31,24 @@ from .cache_files import (
 from .cache_format import LOGPROB_BITS, bytes_per_logit, encode_record, id_bits
 from .cache_keys import TeacherCacheError, cache_key, key_differences, key_hash
 
+
+def check_tail_samples(tail_samples: int, k: int) -> None:
+    """Check `0 <= tail_samples < k` (at least the teacher's top-1 is kept exactly).
+
+    Args:
+        tail_samples (`int`): Sampled tail ids per position.
+        k (`int`): Ids stored per position.
+
+    Raises:
+        ValueError: If `tail_samples` is not an integer in `[0, k)`.
+    """
+    if isinstance(tail_samples, bool) or not isinstance(tail_samples, (int, np.integer)) or not 0 <= tail_samples < k:
+        raise ValueError(
+            f"tail_samples must be an integer with 0 <= tail_samples < k (k={k}: the first k - tail_samples ids are "
+            f"the teacher's exact top ids, at least one), got {tail_samples!r}."
+        )
+
+
 _OUR_FILE = re.compile(r"^(manifest\.json|index\.safetensors|shard-\d{5,}\.safetensors|\..*\.tmp)$")
 
 
@@ -57,9 +75,14 @@ class TeacherCacheWriter:
         num_input_rows (`int`, *optional*): Number of input rows, recorded and checked on resume.
         overwrite (`bool`, *optional*, defaults to `False`): Delete a cache with another key (or unreadable manifest)
             in `path` instead of raising.
+        tail_samples (`int`, *optional*, defaults to `0`): Of the `k` ids per position, how many are sampled from
+            the teacher's tail rather than its exact top ids (`0 <= tail_samples < k`; recorded in the key and the
+            manifest when positive). The writer only records it: the caller samples (see [`write_teacher_cache`]).
+        seed (`int`, *optional*, defaults to `0`): Seed of the tail sampling, recorded with `tail_samples`.
 
     Raises:
-        ValueError: Invalid settings (`k > vocab_size`, unknown `logprob_bits`, non-positive temperature).
+        ValueError: Invalid settings (`k > vocab_size`, unknown `logprob_bits`, non-positive temperature,
+            `tail_samples` outside `[0, k)`).
         TeacherCacheError: `path` holds another key's cache, or files that are not a teacher cache.
     """
 
@@ -75,6 +98,8 @@ class TeacherCacheWriter:
         rows_per_shard: int = 1024,
         num_input_rows: int | None = None,
         overwrite: bool = False,
+        tail_samples: int = 0,
+        seed: int = 0,
     ) -> None:
         if vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1, got {vocab_size}.")
@@ -86,8 +111,18 @@ class TeacherCacheWriter:
             raise ValueError(f"temperature must be > 0, got {temperature}.")
         if rows_per_shard < 1:
             raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}.")
+        check_tail_samples(tail_samples, k)
         self.path = Path(path)
-        self.key = cache_key(key, vocab_size=vocab_size, k=k, temperature=temperature, logprob_bits=logprob_bits)
+        self.tail_samples, self.seed = int(tail_samples), int(seed)
+        self.key = cache_key(
+            key,
+            vocab_size=vocab_size,
+            k=k,
+            temperature=temperature,
+            logprob_bits=logprob_bits,
+            tail_samples=tail_samples,
+            seed=seed,
+        )
         self.key_hash = key_hash(self.key)
         self.vocab_size, self.k, self.temperature, self.logprob_bits = vocab_size, k, float(temperature), logprob_bits
         self.rows_per_shard = rows_per_shard
@@ -102,7 +137,9 @@ class TeacherCacheWriter:
     # -- setup
 
     def _settings(self) -> dict[str, Any]:
+        tail = {"tail_samples": self.tail_samples, "tail_seed": self.seed} if self.tail_samples else {}
         return {
+            **tail,
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "key": self.key,
@@ -216,7 +253,8 @@ class TeacherCacheWriter:
             row_key (`str`): The row's [`row_key`].
             token_ids (`np.ndarray` or `torch.Tensor`): `[n, k]` ids, sorted by log-prob descending.
             log_probs (`np.ndarray` or `torch.Tensor`): `[n, k]` float log-probs at the cache temperature.
-            rest_log_prob (`np.ndarray` or `torch.Tensor`): `[n]` log of the mass outside the k ids.
+            rest_log_prob (`np.ndarray` or `torch.Tensor`): `[n]` log of the mass outside the k ids (`-inf` with a
+                sampled tail).
             num_tokens (`int`, *optional*, defaults to `0`): Length of the row (for the manifest's token count).
         """
         if self.complete:
@@ -304,4 +342,4 @@ class TeacherCacheWriter:
         return bytes_per_logit(sum(s["payload_bytes"] for s in self._shards), positions, self.k)
 
 
-__all__ = ["TeacherCacheWriter"]
+__all__ = ["TeacherCacheWriter", "check_tail_samples"]

@@ -26,13 +26,20 @@ from .cache_keys import (
     fingerprint_model,
     fingerprint_tokenizer,
 )
+from .cache_writer import check_tail_samples
 
 if TYPE_CHECKING:
     from ..trainer import DistillationTrainer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["cached_teacher_targets", "open_training_cache", "training_key", "write_training_cache"]
+__all__ = [
+    "cached_teacher_targets",
+    "check_sampled_tail_divergence",
+    "open_training_cache",
+    "training_key",
+    "write_training_cache",
+]
 
 
 def training_key(args: Any, tokenizer: Any) -> dict[str, Any]:
@@ -76,6 +83,8 @@ def write_training_cache(
     batch_size: int | None = None,
     rows_per_shard: int = 1024,
     show_progress: bool = True,
+    tail_samples: int = 0,
+    seed: int = 0,
 ) -> TeacherCache:
     """Run the trainer's teacher once over its prepared training set and store the top-k targets (resumable).
 
@@ -91,12 +100,17 @@ def write_training_cache(
         batch_size (`int`, *optional*): Rows per teacher forward; defaults to `per_device_train_batch_size`.
         rows_per_shard (`int`, *optional*, defaults to `1024`): Rows per shard (the unit of resumption).
         show_progress (`bool`, *optional*, defaults to `True`): Show a progress bar with tokens/s.
+        tail_samples (`int`, *optional*, defaults to `0`): Of the `k` ids per position, how many are sampled from the
+            teacher's tail instead of being its next most likely ids (`0 <= tail_samples < k`): an unbiased target,
+            for `divergence="forward_kl"` only (see [`write_teacher_cache`] and `docs/teacher_cache.md`).
+        seed (`int`, *optional*, defaults to `0`): Seed of the tail sampling (part of the key when `tail_samples > 0`).
 
     Returns:
         [`TeacherCache`]: The complete cache; `cache.path` is the folder to pass as `teacher_cache`.
 
     Raises:
-        ValueError: If the trainer has no teacher model, uses packing, or `k` exceeds the distilled vocabulary.
+        ValueError: If the trainer has no teacher model, uses packing, `k` exceeds the distilled vocabulary, or
+            `tail_samples` is not in `[0, k)`.
     """
     from .cache_builder import write_teacher_cache
 
@@ -111,6 +125,7 @@ def write_training_cache(
             f"k={k} is larger than the distilled vocabulary ({trainer.distill_vocab_size} tokens): use at most "
             f"{trainer.distill_vocab_size}."
         )
+    check_tail_samples(tail_samples, k)
     teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
     tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
     key = {
@@ -121,7 +136,13 @@ def write_training_cache(
         "num_rows": len(trainer.train_dataset),
     }
     full_key = cache_key(
-        key, vocab_size=trainer.distill_vocab_size, k=k, temperature=args.temperature, logprob_bits=logprob_bits
+        key,
+        vocab_size=trainer.distill_vocab_size,
+        k=k,
+        temperature=args.temperature,
+        logprob_bits=logprob_bits,
+        tail_samples=tail_samples,
+        seed=seed,
     )
     path = cache_dir_for(root, full_key)
     with trainer.accelerator.autocast():
@@ -138,6 +159,8 @@ def write_training_cache(
             collate=trainer.data_collator,
             vocab_size=trainer.distill_vocab_size,
             show_progress=show_progress,
+            tail_samples=tail_samples,
+            seed=seed,
         )
 
 
@@ -156,7 +179,8 @@ def open_training_cache(path: str | os.PathLike, args: Any, tokenizer: Any, stud
     Raises:
         TeacherCacheError: A missing, incomplete or corrupt cache, or one made for other settings (the message names
             the fields that differ).
-        ValueError: Packing, a `distill_vocab_size` other than the cache's, or a student head smaller than it.
+        ValueError: Packing, a `distill_vocab_size` other than the cache's, a student head smaller than it, or a
+            cache with a sampled tail and a divergence other than `"forward_kl"`.
     """
     _refuse_packing(args)
     folder = Path(path)
@@ -178,7 +202,32 @@ def open_training_cache(path: str | os.PathLike, args: Any, tokenizer: Any, stud
             f"The teacher cache covers {cache.vocab_size} vocabulary columns but the student's LM head has only "
             f"{student_vocab_rows} rows: the cache was made for another student vocabulary."
         )
+    check_sampled_tail_divergence(cache, args.divergence)
     return cache
+
+
+def check_sampled_tail_divergence(cache: TeacherCache, divergence: str) -> None:
+    """Refuse a divergence other than forward KL with a cache whose tail is sampled (`cache.tail_samples > 0`).
+
+    Such a cache stores an unbiased estimate `p_hat` of the teacher's distribution (`E[p_hat] = p`). Forward KL
+    against `p_hat` is a cross-entropy against it plus a constant, linear in `p_hat`, so its gradient is an unbiased
+    estimate of the full forward-KL gradient. Every other divergence needs the teacher's probability of tokens that
+    were not drawn (or is not linear in the teacher's probabilities), so it would train towards a biased target.
+
+    Args:
+        cache ([`TeacherCache`]): The open cache.
+        divergence (`str`): `DistillationConfig.divergence`.
+
+    Raises:
+        ValueError: If `cache.tail_samples > 0` and `divergence != "forward_kl"`.
+    """
+    if cache.tail_samples and divergence != "forward_kl":
+        raise ValueError(
+            f"The teacher cache at {cache.path} samples its tail ({cache.tail_samples} of its k={cache.k} ids per "
+            f"position are random draws from the teacher's tail): it is an unbiased estimate of the teacher's "
+            f"distribution only for divergence='forward_kl', got divergence={divergence!r}. Train with "
+            "divergence='forward_kl', or use a cache written with tail_samples=0 (the exact top k)."
+        )
 
 
 def cached_teacher_targets(
