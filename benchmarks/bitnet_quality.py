@@ -50,7 +50,6 @@ import argparse
 import copy
 import json
 import os
-import random
 import shutil
 import sys
 import tempfile
@@ -63,16 +62,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as common  # noqa: E402
 from cache_quality import (  # noqa: E402
     DEFAULT_DATA,
-    build_tokenizer,
     config_kwargs,
     dir_bytes,
     evaluate,
     last_logged_loss,
     n_params,
-    split_text,
-    tokenize_rows,
+    prepare_data,
     train_quietly,
-    unigram_perplexity,
 )
 
 SECTION = "bitnet_quality"
@@ -286,30 +282,10 @@ def run(args) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     out: dict = {"variants": {}, "sizes": {}, "decode": {}, "notes": []}
 
-    # Data and tokenizer
-    start = time.perf_counter()
-    train_text, eval_text = split_text(args.data, args.max_chars)
-    tokenizer = build_tokenizer(train_text, args.vocab, args.seq_len)
-    train_rows = tokenize_rows(tokenizer, train_text, args.seq_len)
-    eval_rows = tokenize_rows(tokenizer, eval_text, args.seq_len)
-    if args.max_eval_rows:
-        eval_rows = eval_rows[: args.max_eval_rows]
+    # Data and tokenizer (as in cache_quality.py)
+    tokenizer, train_rows, eval_rows, student_rows, out["data"] = prepare_data(args)
     train_ds = Dataset.from_dict({"input_ids": train_rows})
-    n_student = min(len(train_rows), args.student_steps * args.batch_size)
-    student_rows = [train_rows[i] for i in sorted(random.Random(args.seed).sample(range(len(train_rows)), n_student))]
     student_ds = Dataset.from_dict({"input_ids": student_rows})
-    out["data"] = {
-        "train_chars": len(train_text),
-        "eval_chars": len(eval_text),
-        "vocab": len(tokenizer),
-        "train_rows": len(train_rows),
-        "eval_rows": len(eval_rows),
-        "student_rows": n_student,
-        "train_tokens": len(train_rows) * args.seq_len,
-        "eval_tokens": len(eval_rows) * args.seq_len,
-        "unigram_ppl": unigram_perplexity(train_rows, eval_rows, len(tokenizer)),
-        "prep_s": time.perf_counter() - start,
-    }
     print(f"Data: {json.dumps(out['data'])}", flush=True)
 
     if args.reuse:

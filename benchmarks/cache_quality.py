@@ -138,6 +138,38 @@ def unigram_perplexity(train_rows: list[list[int]], eval_rows: list[list[int]], 
 # Models and training -------------------------------------------------------------------------------------------------
 
 
+def prepare_data(args) -> tuple:
+    """Split the text, train the tokenizer, cut both splits into rows; the students' fixed random subset of rows.
+
+    Returns:
+        `tuple`: (tokenizer, train rows, held-out rows, student rows (`student_steps * batch_size` train rows drawn
+        with `seed`, in order), a dict describing the data).
+    """
+    start = time.perf_counter()
+    train_text, eval_text = split_text(args.data, args.max_chars)
+    tokenizer = build_tokenizer(train_text, args.vocab, args.seq_len)
+    train_rows = tokenize_rows(tokenizer, train_text, args.seq_len)
+    eval_rows = tokenize_rows(tokenizer, eval_text, args.seq_len)
+    if args.max_eval_rows:
+        eval_rows = eval_rows[: args.max_eval_rows]
+    n_student = min(len(train_rows), args.student_steps * args.batch_size)
+    student_rows = [train_rows[i] for i in sorted(random.Random(args.seed).sample(range(len(train_rows)), n_student))]
+    info = {
+        "train_chars": len(train_text),
+        "eval_chars": len(eval_text),
+        "vocab": len(tokenizer),
+        "train_rows": len(train_rows),
+        "eval_rows": len(eval_rows),
+        "student_rows": n_student,
+        "train_tokens": len(train_rows) * args.seq_len,
+        "eval_tokens": len(eval_rows) * args.seq_len,
+        "chars_per_token": len(train_text) / len(tokenizer(train_text, add_special_tokens=False)["input_ids"]),
+        "unigram_ppl": unigram_perplexity(train_rows, eval_rows, len(tokenizer)),
+        "prep_s": time.perf_counter() - start,
+    }
+    return tokenizer, train_rows, eval_rows, student_rows, info
+
+
 def build_model(args, role: str, tokenizer):
     from transformers import AutoModelForCausalLM, Qwen2Config
 
@@ -257,31 +289,10 @@ def run(args) -> dict:
     out: dict = {"variants": {}, "caches": {}}
 
     # Data and tokenizer
-    start = time.perf_counter()
-    train_text, eval_text = split_text(args.data, args.max_chars)
-    tokenizer = build_tokenizer(train_text, args.vocab, args.seq_len)
-    train_rows = tokenize_rows(tokenizer, train_text, args.seq_len)
-    eval_rows = tokenize_rows(tokenizer, eval_text, args.seq_len)
-    if args.max_eval_rows:
-        eval_rows = eval_rows[: args.max_eval_rows]
+    tokenizer, train_rows, eval_rows, student_rows, out["data"] = prepare_data(args)
     train_ds = Dataset.from_dict({"input_ids": train_rows})
     # The students see exactly one epoch of a fixed random subset: the caches cover those rows only
-    n_student = min(len(train_rows), args.student_steps * args.batch_size)
-    student_rows = [train_rows[i] for i in sorted(random.Random(args.seed).sample(range(len(train_rows)), n_student))]
     student_ds = Dataset.from_dict({"input_ids": student_rows})
-    out["data"] = {
-        "train_chars": len(train_text),
-        "eval_chars": len(eval_text),
-        "vocab": len(tokenizer),
-        "train_rows": len(train_rows),
-        "eval_rows": len(eval_rows),
-        "student_rows": n_student,
-        "train_tokens": len(train_rows) * args.seq_len,
-        "eval_tokens": len(eval_rows) * args.seq_len,
-        "chars_per_token": len(train_text) / len(tokenizer(train_text, add_special_tokens=False)["input_ids"]),
-        "unigram_ppl": unigram_perplexity(train_rows, eval_rows, len(tokenizer)),
-        "prep_s": time.perf_counter() - start,
-    }
     print(f"Data: {json.dumps(out['data'])}", flush=True)
     ks = tuple(sorted({cache_variant(v)[0] for v in args.variants if cache_variant(v)} | {16, 64}))
 
