@@ -61,7 +61,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _common as common  # noqa: E402
 from cache_quality import (  # noqa: E402
-    DEFAULT_DATA,
+    add_data_arguments,
     config_kwargs,
     dir_bytes,
     evaluate,
@@ -897,11 +897,7 @@ def report(args, out: dict, machine: str, wall: float) -> str:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=DEFAULT_DATA, help="Text file (split 90 %% train / 10 %% held out).")
-    parser.add_argument("--max-chars", type=int, default=None, help="Use only the first N characters of the file.")
-    parser.add_argument("--vocab", type=int, default=1024, help="BPE vocabulary size (4 special tokens included).")
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16)
+    add_data_arguments(parser)
     parser.add_argument("--teacher-hidden", type=int, default=256)
     parser.add_argument("--teacher-intermediate", type=int, default=768)
     parser.add_argument("--teacher-layers", type=int, default=4)

@@ -579,13 +579,18 @@ def report(args, out: dict, machine: str, wall: float) -> str:
     return body
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The text, tokenizer and batch flags shared with `bitnet_quality.py` (see [`prepare_data`])."""
     parser.add_argument("--data", default=DEFAULT_DATA, help="Text file (split 90 %% train / 10 %% held out).")
     parser.add_argument("--max-chars", type=int, default=None, help="Use only the first N characters of the file.")
     parser.add_argument("--vocab", type=int, default=1024, help="BPE vocabulary size (4 special tokens included).")
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_arguments(parser)
     parser.add_argument("--teacher-hidden", type=int, default=256)
     parser.add_argument("--teacher-layers", type=int, default=4)
     parser.add_argument("--teacher-steps", type=int, default=200)
