@@ -275,6 +275,8 @@ def export_gguf(
     block = 1 if ternary_type == "F16" else _BLOCK  # F16 (the unpacked baseline) has no row-size constraint
 
     # Map and convert every tensor before touching the disk: an unsupported model fails here with nothing written.
+    vocab_size = int(model.get_input_embeddings().weight.shape[0])
+    vocab = build_gguf_vocab(tokenizer, vocab_size, config)  # an unsupported tokenizer fails before any conversion
     tensors: list[tuple[str, np.ndarray, gguf.GGMLQuantizationType]] = []
     unmapped: list[str] = []
     fallback: list[str] = []
@@ -319,8 +321,6 @@ def export_gguf(
         )
     if arch == "llama" and tied and any(n == "output.weight" for n, _, _ in tensors):
         tensors = [t for t in tensors if t[0] != "output.weight"]  # llama.cpp reuses token_embd
-    vocab_size = int(model.get_input_embeddings().weight.shape[0])
-    vocab = build_gguf_vocab(tokenizer, vocab_size, config)
 
     out_dir = os.path.dirname(os.path.abspath(output_path))
     os.makedirs(out_dir, exist_ok=True)
