@@ -9,6 +9,7 @@ from typing import Any
 from trl import SFTConfig
 
 from .config_signals import TeacherSignalFields
+from .config_vllm import VLLMFields
 from .losses.divergences import DIVERGENCE_NAMES
 
 DEFAULT_BETA = 0.5
@@ -53,7 +54,7 @@ def _accelerator_supports_bf16() -> bool:
 
 
 @dataclass
-class DistillationConfig(TeacherSignalFields, SFTConfig):
+class DistillationConfig(VLLMFields, TeacherSignalFields, SFTConfig):
     r"""Configuration for [`DistillationTrainer`]: an [`~trl.SFTConfig`] plus the distillation parameters.
 
     Everything `SFTConfig` accepts works unchanged (dataset formats, packing, `completion_only_loss`,
@@ -124,6 +125,10 @@ class DistillationConfig(TeacherSignalFields, SFTConfig):
             GKD's `temperature` is only a sampling temperature: set `generation_temperature` for that meaning).
         top_p, top_k, min_p, repetition_penalty, generation_kwargs:
             Sampling settings of generated completions, as in trl.DistillationTrainer (`top_k=0`: off).
+        use_vllm (`bool`, *optional*, defaults to `False`):
+            Generate the student's on-policy completions with vLLM instead of `transformers` `generate` (needs
+            `pip install vllm` and `lmbda > 0`; not with `seq_kd`). `vllm_mode` (`"colocate"` or `"server"`) and the
+            other `vllm_*` fields have trl.DistillationConfig's names and defaults (see `docs/on_policy.md`).
 
     SFT's cross-entropy options act on the hard-label term: `label_smoothing_factor` and `loss_type="dft"` change the
     `alpha`-weighted cross-entropy exactly as they change `SFTTrainer`'s loss (and need `alpha > 0`).
@@ -191,6 +196,7 @@ class DistillationConfig(TeacherSignalFields, SFTConfig):
         self._resolve_divergence()
         self._validate_distillation_fields()
         self._validate_signal_fields()
+        self._validate_vllm_fields()
         if self.bf16 is None and not self.fp16 and not self.use_cpu and not _accelerator_supports_bf16():
             # TRL turns bf16 on by default, which fails outright on a machine without a bf16 accelerator
             self.bf16 = False

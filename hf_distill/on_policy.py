@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .generation import GenerationSchedule, GenerationSettings, on_policy_batch
+from .generation.vllm_backend import VLLMStudentGenerator
 
 __all__ = ["OnPolicyGenerator", "OnPolicyTrainingMixin", "add_empty_completions", "is_prompt_only"]
 
@@ -59,6 +60,9 @@ class OnPolicyGenerator:
         args ([`DistillationConfig`]): `lmbda` (resolved), `seq_kd`, `max_new_tokens`, sampling settings, `seed`.
         processing_class: The student's tokenizer or processor.
         vocab_limit (`int`): The distilled vocabulary size: the teacher never samples ids the student lacks.
+
+    With `args.use_vllm`, the student's samples come from vLLM (`vllm`, a [`VLLMStudentGenerator`]; vLLM is imported
+    here, so a missing install fails when the trainer is built); the teacher's always from `transformers` `generate`.
     """
 
     def __init__(self, args: Any, processing_class: Any, vocab_limit: int):
@@ -75,6 +79,8 @@ class OnPolicyGenerator:
             repetition_penalty=args.repetition_penalty,
             generation_kwargs=args.generation_kwargs,
         )
+        use_vllm = bool(getattr(args, "use_vllm", False))
+        self.vllm = VLLMStudentGenerator(args, processing_class, self.settings) if use_vllm else None
         self.micro_step: int | None = None  # set from the trainer's global step at the first micro-batch
         self.counts = {"dataset": 0, "student": 0, "teacher": 0}
 
@@ -111,6 +117,11 @@ class OnPolicyTrainingMixin:
     ) -> torch.Tensor:
         """`Trainer.training_step`, after swapping the batch's completions for generated ones when the `lmbda` /
         `seq_kd` schedule says so (see `hf_distill/on_policy.py`)."""
+        if self._generator is None and getattr(self.args, "use_vllm", False):
+            raise ValueError(
+                "`use_vllm=True` generates the student's completions, but no batch is generated (`lmbda=0`, the "
+                "default for a dataset with completions): set `lmbda > 0`, or drop `use_vllm`."
+            )
         if self._generator is not None:
             source = self._generator.next_source(self.state.global_step, self.args.gradient_accumulation_steps)
             if source != "dataset":
@@ -123,7 +134,9 @@ class OnPolicyTrainingMixin:
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         from trl.models import unwrap_model_for_generation
 
-        if source == "student":
+        if source == "student" and self._generator.vllm is not None:  # the engine gathers and syncs the weights
+            batch = self._generator.vllm.batch(self.model, self.accelerator, inputs, self.state.global_step)
+        elif source == "student":
             with unwrap_model_for_generation(model, self.accelerator) as unwrapped:
                 batch = self._generator.generate(unwrapped, inputs, source)
         else:

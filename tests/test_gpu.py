@@ -163,3 +163,31 @@ def test_bitnet_student_trains_in_bf16_on_cuda_and_its_packed_export_loads_there
     with torch.no_grad():
         got = packed(ids.to("cuda")).logits.float()
     assert ((got.cpu() - expected.cpu()).norm() / expected.norm().cpu()) < 5e-3
+
+
+def test_on_policy_steps_with_vllm_colocate(tmp_path, monkeypatch):
+    """`use_vllm=True`, colocate mode: a real vLLM engine samples the student's completions, synced every step."""
+    pytest.importorskip("vllm")
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process, to load the weights
+    tokenizer = make_tokenizer()
+    path = tmp_path / "student"  # colocate mode builds the engine from the student's folder
+    # head size 64 and bf16 on disk: shapes and a dtype every vLLM attention backend takes
+    make_model(len(tokenizer), hidden_size=256, seed=1, dtype=torch.bfloat16).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    prompts = {"prompt": ["the cat sat", "a dog ran to", "the bird saw", "one red"] * 4}
+    vllm = {"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.2}
+    trainer = DistillationTrainer(
+        model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+        teacher_model=peaky_teacher(len(tokenizer)),
+        args=config(tmp_path, max_steps=3, bf16=True, lmbda=1.0, max_new_tokens=8, **vllm),
+        train_dataset=Dataset.from_dict(prompts),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    assert trainer._generator.vllm.engine is not None and trainer._generator.counts["student"] == 3
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert all(h["on_policy"] == 1.0 for h in trainer.state.log_history if "loss" in h)

@@ -13,6 +13,9 @@ from the teacher (sequence-level KD). This module holds the pieces, independent 
 - [`build_completion_batch`]: prompts + completions back into a collator-style batch (`input_ids`,
   `attention_mask`, `labels` with -100 on the prompt and padding).
 - [`on_policy_batch`]: the three above in a row.
+
+`vllm_backend` (imported on its own, not re-exported: it is only used with `use_vllm=True`) samples the student's
+completions with vLLM through TRL's `VLLMGeneration` and returns the batch `on_policy_batch` would.
 """
 
 from .completions import build_completion_batch, generate_completions, on_policy_batch
