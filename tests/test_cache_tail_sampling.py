@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -20,12 +17,12 @@ import pytest
 import torch
 from test_cache_training import VOCAB as TRAIN_VOCAB
 from test_cache_training import make_trainer, train_losses
+from test_teacher_cache import BUILD_SCRIPT, _build, _files
 from tiny import make_model
 
 from hf_distill.losses.sparse import sparse_divergence_and_grad
 from hf_distill.teachers.cache import TeacherCache
 from hf_distill.teachers.cache_builder import (
-    STOP_AFTER_SHARDS_ENV,
     tail_uniforms,
     top_k_log_probs,
     top_k_with_sampled_tail,
@@ -200,10 +197,6 @@ def _rows(n: int = 10, seed: int = 0) -> list[dict]:
     return rows
 
 
-def _files(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
-
-
 def test_cache_records_tail_settings_and_default_is_unchanged(tmp_path):
     model, rows = make_model(VOCAB, seed=0), _rows()
     common = dict(key={"run": "tail"}, k=8, logprob_bits=32, batch_size=3, rows_per_shard=4, show_progress=False)
@@ -238,41 +231,11 @@ def test_cache_records_tail_settings_and_default_is_unchanged(tmp_path):
     assert not calls and again.path == tail.path
 
 
-BUILD_SCRIPT = """
-import sys
-sys.path.insert(0, {tests!r})
-import torch
-from tiny import make_model
-from hf_distill.teachers.cache_builder import write_teacher_cache
-
-g = torch.Generator().manual_seed(0)
-rows = []
-for _ in range(10):
-    ids = torch.randint(3, 60, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g).tolist()
-    rows.append({{"input_ids": ids, "labels": [-100] + ids[1:]}})
-model = make_model(60, seed=0)
-calls = []
-model.register_forward_hook(lambda *a: calls.append(1))
-write_teacher_cache(model, rows, sys.argv[1], key={{"run": "resume"}}, k=7, logprob_bits=8, batch_size=2,
-                    rows_per_shard=4, show_progress=False, tail_samples=3, seed=11)
-print("FORWARDS", len(calls))
-"""
-
-
-def _build(script: Path, folder: Path, stop_after: int | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    env.pop(STOP_AFTER_SHARDS_ENV, None)
-    if stop_after:
-        env[STOP_AFTER_SHARDS_ENV] = str(stop_after)
-    return subprocess.run(
-        [sys.executable, str(script), str(folder)], env=env, capture_output=True, text=True, timeout=300
-    )
-
-
 @pytest.mark.slow
 def test_interrupted_tail_sampled_build_resumes_to_identical_bytes(tmp_path):
     script = tmp_path / "build.py"
-    script.write_text(textwrap.dedent(BUILD_SCRIPT.format(tests=str(TESTS))))
+    # the resume script of test_teacher_cache.py, with a sampled tail
+    script.write_text(textwrap.dedent(BUILD_SCRIPT.format(tests=str(TESTS), extra=", tail_samples=3, seed=11")))
     clean, resumed = tmp_path / "clean", tmp_path / "resumed"
     result = _build(script, clean)
     assert result.returncode == 0, result.stderr[-3000:]

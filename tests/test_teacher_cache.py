@@ -384,7 +384,7 @@ model = make_model(60, seed=0)
 calls = []
 model.register_forward_hook(lambda *a: calls.append(1))
 write_teacher_cache(model, rows, sys.argv[1], key={{"run": "resume"}}, k=7, logprob_bits=8, batch_size=2,
-                    rows_per_shard=4, show_progress=False)
+                    rows_per_shard=4, show_progress=False{extra})
 print("FORWARDS", len(calls))
 """
 
@@ -406,7 +406,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 @pytest.mark.slow
 def test_interrupted_build_resumes_to_identical_bytes(tmp_path):
     script = tmp_path / "build.py"
-    script.write_text(textwrap.dedent(BUILD_SCRIPT.format(tests=str(TESTS))))
+    script.write_text(textwrap.dedent(BUILD_SCRIPT.format(tests=str(TESTS), extra="")))
     clean, resumed = tmp_path / "clean", tmp_path / "resumed"
     result = _build(script, clean)
     assert result.returncode == 0, result.stderr[-3000:]
