@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from .bitlinear import BitLinear
-
-
-def _matches(name: str, patterns: list[str]) -> bool:
-    # transformers' `should_convert_module` rule: a pattern matches from the start up to a module boundary (also as
-    # a regex), or as a suffix. Same syntax as `BitNetQuantConfig.modules_to_not_convert`.
-    boundary = r"(?:(?<=\.)|(?=\.|$))"
-    return any(re.match(rf"(?:{p}){boundary}", name) or name.endswith(p) for p in patterns)
 
 
 @dataclass
@@ -166,6 +158,8 @@ def convert_to_bitnet(
     Raises:
         ValueError: The model has no linear layer left to convert, or is already quantized or converted.
     """
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
     if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False):
         raise ValueError(
             "The model is already quantized (loaded with a quantization_config). Convert a full-precision model."
@@ -179,7 +173,8 @@ def convert_to_bitnet(
     targets = []
     for name, module in model.named_modules():
         if type(module) is nn.Linear:
-            (result.skipped if _matches(name, patterns) else targets).append(name)
+            # transformers' own matching rule, so that a reload with these patterns converts the same layers
+            (targets if should_convert_module(name, patterns) else result.skipped).append(name)
     if not targets:
         kinds = sorted({type(m).__name__ for m in model.modules() if m.__class__.__name__ in ("Conv1D", "Linear")})
         raise ValueError(
