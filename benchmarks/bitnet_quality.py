@@ -62,6 +62,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as common  # noqa: E402
 from cache_quality import (  # noqa: E402
     add_data_arguments,
+    add_run_arguments,
     config_kwargs,
     dir_bytes,
     evaluate,
@@ -956,15 +957,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--threads", type=int, default=1, help="torch.set_num_threads for training (default 1; 0: torch's choice)."
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--work-dir", default=None, help="Keep the models and exports here (default: a temp dir).")
-    common.add_write_arguments(
-        parser,
-        SECTION,
-        quick_help="Smoke run: tiny data and models, no docs update.",
-        section_help=f"docs/benchmarks.md section (default {SECTION!r}).",
-    )
-    parser.add_argument("--json", default=None, help="Also write the raw results to this JSON file.")
+    add_run_arguments(parser, SECTION, "the models and exports")
     args = parser.parse_args(argv)
     if args.quick:
         args.max_chars = args.max_chars or 120_000

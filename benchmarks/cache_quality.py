@@ -588,6 +588,20 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, section: str, kept: str) -> None:
+    """--seed, --work-dir (keeps `kept`), --quick/--write/--no-write/--doc-section and --json, shared with
+    `bitnet_quality.py`."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work-dir", default=None, help=f"Keep {kept} here (default: a temp dir).")
+    common.add_write_arguments(
+        parser,
+        section,
+        quick_help="Smoke run: tiny models and data, no docs update.",
+        section_help=f"docs/benchmarks.md section (default {section!r}).",
+    )
+    parser.add_argument("--json", default=None, help="Also write the raw results to this JSON file.")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_arguments(parser)
@@ -618,15 +632,7 @@ def parse_args(argv=None):
         help="torch.set_num_threads (default 1: on a machine shared with other jobs, 2 threads waited on each other "
         "at every operation and ran 2-3x slower; 0: torch's choice).",
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--work-dir", default=None, help="Keep the caches and outputs here (default: a temp dir).")
-    common.add_write_arguments(
-        parser,
-        SECTION,
-        quick_help="Smoke run: tiny models and data, no docs update.",
-        section_help=f"docs/benchmarks.md section (default {SECTION!r}).",
-    )
-    parser.add_argument("--json", default=None, help="Also write the raw results to this JSON file.")
+    add_run_arguments(parser, SECTION, "the caches and outputs")
     args = parser.parse_args(argv)
     if args.quick:
         args.max_chars = args.max_chars or 120_000
