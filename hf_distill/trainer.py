@@ -30,7 +30,8 @@ from .model_forward import forward_hidden_states, unwrap_peft
 from .on_policy import OnPolicyGenerator, OnPolicyTrainingMixin, add_empty_completions, is_prompt_only
 from .resumable import ResumableTrainerMixin
 from .teachers.cache import TeacherCache
-from .teachers.cached import cached_teacher_targets, open_training_cache, write_training_cache
+from .teachers.cached import open_training_cache, write_training_cache
+from .teachers.cached_batches import CACHED_TARGETS_KEY, CachedBatchTargets, CacheTargetsCollator, fetch_cached_targets
 from .teachers.live import (
     check_modalities,
     freeze,
@@ -215,6 +216,7 @@ class DistillationTrainer(ResumableTrainerMixin, OnPolicyTrainingMixin, Distilla
                     "to score them; a teacher cache only covers the dataset's own completions."
                 )
             self.teacher_cache = open_training_cache(args.teacher_cache, args, tokenizer, student_head.vocab_rows)
+            self.data_collator = CacheTargetsCollator(self.data_collator, self.teacher_cache)  # lookup off the step
             self.distill_vocab_size = self.teacher_cache.vocab_size
             self._teacher_name_or_path = self._teacher_name_or_path or self.teacher_cache.key.get("teacher")
             self._teacher_input_limit = None
@@ -333,6 +335,7 @@ class DistillationTrainer(ResumableTrainerMixin, OnPolicyTrainingMixin, Distilla
     def _distillation_loss(
         self, student: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | int | None
     ) -> tuple[DistillationLossOutput, torch.Tensor | None]:
+        cached = inputs.pop(CACHED_TARGETS_KEY, None)  # added by the cache's collator, not a model input
         labels = inputs["labels"]
         model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels", "seq_lengths")}
         pre_shifted = "shift_labels" in inputs  # context/sequence parallelism
@@ -349,7 +352,7 @@ class DistillationTrainer(ResumableTrainerMixin, OnPolicyTrainingMixin, Distilla
             mask = (targets != -100).to(student_hidden.device)
             student_head = LMHead.from_model(unwrap_peft(student))
             device = student_head.weight.device
-            teacher = self._teacher_targets(model_inputs, labels, mask, pre_shifted, device)
+            teacher = self._teacher_targets(model_inputs, labels, mask, pre_shifted, device, cached)
             args = self.args
             result = chunked_distillation_loss(
                 student_hidden[mask].to(device),
@@ -377,18 +380,16 @@ class DistillationTrainer(ResumableTrainerMixin, OnPolicyTrainingMixin, Distilla
         mask: torch.Tensor,
         pre_shifted: bool,
         device: torch.device,
+        cached: CachedBatchTargets | None = None,
     ) -> HiddenStateTeacher | TopKTeacher:
         """The teacher's side of the loss for the selected positions: cached top-k targets, or a live forward."""
-        if self.teacher_cache is not None:
-            if pre_shifted:
-                raise ValueError(
-                    "A teacher cache is keyed by unshifted rows; pre-shifted labels (context parallelism) are not "
-                    "supported with `teacher_cache`."
+        if self.teacher_cache is not None:  # fetched by the collator; here only for batches that bypassed it
+            if cached is None:
+                attention_mask = model_inputs.get("attention_mask")
+                cached = fetch_cached_targets(
+                    self.teacher_cache, model_inputs["input_ids"], labels, attention_mask, pre_shifted
                 )
-            attention_mask = model_inputs.get("attention_mask")
-            return cached_teacher_targets(
-                self.teacher_cache, model_inputs["input_ids"], labels, attention_mask, device
-            )
+            return cached.to_teacher(device)
         teacher = self.accelerator.unwrap_model(self.teacher_model)
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         check_teacher_can_read(model_inputs.get("input_ids"), self._teacher_input_limit, tokenizer)

@@ -110,6 +110,33 @@ def test_exact_cache_trains_like_the_live_teacher(tmp_path, caches, sampling):
     assert not torch.equal(live_weights["lm_head.weight"], make_model(VOCAB, seed=1).lm_head.weight)  # it trained
 
 
+def test_cache_lookup_runs_in_the_dataloader_workers(tmp_path, caches, monkeypatch):
+    """The collator fetches the targets from the CPU batch, in the worker processes: the main process never computes a
+    row key, and the losses and weights are those of the in-process lookup."""
+    import hf_distill.teachers.cached_batches as cached_batches
+
+    cache = caches[16, 8]
+    in_process = make_trainer(tmp_path / "a", teacher=False, teacher_cache=str(cache.path))
+    batch = next(iter(in_process.get_train_dataloader()))
+    targets = batch[cached_batches.CACHED_TARGETS_KEY]
+    assert isinstance(targets, cached_batches.CachedBatchTargets) and targets.token_ids.device.type == "cpu"
+    assert targets.token_ids.shape == (int((batch["labels"][:, 1:] != -100).sum()), 16)
+    assert targets.ids_bound == int(targets.token_ids.max()) + 1
+    expected = train_losses(in_process)
+
+    calls = []
+    real_keys = cached_batches.batch_row_keys
+    monkeypatch.setattr(cached_batches, "batch_row_keys", lambda *a: calls.append(1) or real_keys(*a))
+    monkeypatch.setattr(
+        "hf_distill.trainer.fetch_cached_targets", lambda *a, **k: pytest.fail("looked up in the training step")
+    )
+    workers = make_trainer(tmp_path / "b", teacher=False, teacher_cache=str(cache.path), dataloader_num_workers=2)
+    assert train_losses(workers) == pytest.approx(expected, rel=1e-6)
+    assert calls == []  # every lookup ran in a worker process
+    for name, weight in in_process.model.state_dict().items():
+        torch.testing.assert_close(workers.model.state_dict()[name], weight, rtol=0, atol=0, msg=name)
+
+
 # --------------------------------------------------------------------------------------------- sparse-target loss gap
 
 
@@ -259,16 +286,23 @@ def test_cache_that_does_not_cover_the_dataset_fails_at_the_first_batch_with_a_n
     extra = lm_dataset(ROWS + 1)  # the cache's 12 rows and one it never saw
     assert extra["text"][:ROWS] == lm_dataset(ROWS)["text"]
     trainer = make_trainer(tmp_path / "a", teacher=False, teacher_cache=str(cache.path), dataset=extra)
+    # The collator looks the rows up: the batch holding the new row fails as it is made, the others train
+    inner = trainer.data_collator.collator
     seen_new_row = False
-    for batch in trainer.get_train_dataloader():
-        keys = batch_row_keys(batch["input_ids"], batch["labels"], batch.get("attention_mask"))
+    for batch in trainer.get_train_dataloader().base_dataloader.batch_sampler:
+        features = [trainer.train_dataset[i] for i in batch]
+        plain = inner(features)
+        keys = batch_row_keys(plain["input_ids"], plain["labels"], plain.get("attention_mask"))
         if all(key in trainer.teacher_cache for key in keys):
             with torch.no_grad():
-                assert torch.isfinite(trainer.compute_loss(trainer.model, dict(batch)))
+                assert torch.isfinite(trainer.compute_loss(trainer.model, trainer.data_collator(features)))
+                assert torch.isfinite(trainer.compute_loss(trainer.model, plain))  # a batch that bypassed it
         else:
             seen_new_row = True
             with pytest.raises(TeacherCacheError, match="does not cover"):
-                trainer.compute_loss(trainer.model, dict(batch))
+                trainer.data_collator(features)
+            with pytest.raises(TeacherCacheError, match="does not cover"):
+                trainer.compute_loss(trainer.model, plain)
     assert seen_new_row
     with pytest.raises(TeacherCacheError, match=r"is not in the teacher cache(.|\n)*does not cover this training set"):
         make_trainer(tmp_path / "b", teacher=False, teacher_cache=str(cache.path), dataset=extra, max_steps=4).train()

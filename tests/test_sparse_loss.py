@@ -412,6 +412,25 @@ def test_invalid_ids_raise():
         chunked_distillation_loss(problem.hidden, problem.head(), teacher, vocab_size=20)
 
 
+def test_known_ids_bound_replaces_the_id_scan(monkeypatch):
+    # `ids_bound` (checked where the ids were made, e.g. by the cache's collator on the CPU) spares the read-back
+    problem = Problem(v_student=V, v_teacher=V, seed=18)
+    teacher = problem.top_k(K)
+    base, base_grads = run_sparse(problem, teacher, alpha=0.3, chunk_size=4)
+    bound = int(teacher.token_ids.max()) + 1
+    known = TopKTeacher(teacher.token_ids, teacher.log_probs, teacher.rest_log_prob, vocab_rows=V, ids_bound=bound)
+    monkeypatch.setattr(torch, "aminmax", lambda *a, **k: pytest.fail("the ids were scanned"))
+    out, grads = run_sparse(problem, known, alpha=0.3, chunk_size=4)
+    assert_close_outputs(out, grads, *dense_as_ref(base, base_grads), {"rtol": 0, "atol": 0}, {"rtol": 0, "atol": 0})
+    assert select_teacher_rows(known, torch.tensor([0, 2])).ids_bound == bound
+    too_far = TopKTeacher(teacher.token_ids, teacher.log_probs, vocab_rows=V + 1, ids_bound=V + 1)
+    with pytest.raises(ValueError, match=rf"token id {V}, outside the compared vocabulary"):
+        chunked_distillation_loss(problem.hidden, problem.head(), too_far)
+    for bad in (-1, 2.0):
+        with pytest.raises(ValueError, match="`ids_bound` must be a non-negative int"):
+            TopKTeacher(teacher.token_ids, teacher.log_probs, vocab_rows=V, ids_bound=bad)
+
+
 def test_validation():
     ids, log_probs = torch.zeros(4, 3, dtype=torch.long), torch.zeros(4, 3)
     with pytest.raises(ValueError, match=r"`token_ids` must be \[N, k\]"):

@@ -67,6 +67,9 @@ class TopKTeacher:
             loss's `temperature` must be the same.
         vocab_rows (`int`): Number of vocabulary columns of the teacher (its LM head's rows), keyword-only and
             required: the loss compares `min(student rows, vocab_rows)` columns unless given `vocab_size`.
+        ids_bound (`int`, *optional*): Keyword-only: one more than the largest id, when already known (e.g. checked
+            on the CPU before the ids were copied to an accelerator). The loss then checks the id range against it
+            instead of reading the ids back (a host sync). `None`: the loss scans the ids.
 
     Raises:
         ValueError: On tensors of the wrong rank or mismatched shapes, `k = 0`, `k > vocab_rows`, non-integer ids,
@@ -78,6 +81,7 @@ class TopKTeacher:
     rest_log_prob: torch.Tensor | None = None
     temperature: float = 1.0
     vocab_rows: int = field(kw_only=True)
+    ids_bound: int | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         ids, log_probs, rest = self.token_ids, self.log_probs, self.rest_log_prob
@@ -99,6 +103,8 @@ class TopKTeacher:
             raise ValueError(f"k = {ids.shape[1]} top-k tokens exceed the teacher's `vocab_rows`={self.vocab_rows}.")
         if not self.temperature > 0.0:
             raise ValueError(f"`temperature` must be positive, got {self.temperature}.")
+        if self.ids_bound is not None and not (isinstance(self.ids_bound, int) and self.ids_bound >= 0):
+            raise ValueError(f"`ids_bound` must be a non-negative int (the largest id + 1), got {self.ids_bound!r}.")
 
     @property
     def k(self) -> int:
@@ -129,6 +135,7 @@ class TopKTeacher:
             else self.rest_log_prob.index_select(0, index.to(self.rest_log_prob.device)),
             self.temperature,
             vocab_rows=self.vocab_rows,
+            ids_bound=self.ids_bound,
         )
 
     @classmethod
@@ -251,12 +258,16 @@ def check_top_k_teacher(teacher: TopKTeacher, temperature: float, sparse_targets
         raise ValueError(
             f"The teacher keeps k = {teacher.k} tokens per position, more than `vocab_size`={vocab_size}."
         )
-    if teacher.token_ids.numel():
+    if teacher.ids_bound is not None:  # the range was checked where the ids were made: no read-back
+        low, high = 0, teacher.ids_bound - 1
+    elif teacher.token_ids.numel():
         low, high = torch.stack(torch.aminmax(teacher.token_ids)).tolist()
-        if high >= vocab_size or low < 0:
-            bad = high if high >= vocab_size else low
-            raise ValueError(
-                f"The top-k teacher has token id {bad}, outside the compared vocabulary [0, {vocab_size}) "
-                f"(`vocab_size`={vocab_size}). Ids past the student's vocabulary cannot be compared: rebuild the "
-                "cache with them excluded, or pass a larger `vocab_size` if both heads have those rows."
-            )
+    else:
+        return
+    if high >= vocab_size or low < 0:
+        bad = high if high >= vocab_size else low
+        raise ValueError(
+            f"The top-k teacher has token id {bad}, outside the compared vocabulary [0, {vocab_size}) "
+            f"(`vocab_size`={vocab_size}). Ids past the student's vocabulary cannot be compared: rebuild the "
+            "cache with them excluded, or pass a larger `vocab_size` if both heads have those rows."
+        )

@@ -13,14 +13,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ..losses import TopKTeacher
 from .cache import TeacherCache
 from .cache_keys import (
-    RowNotCachedError,
     TeacherCacheError,
-    batch_row_keys,
     cache_dir_for,
     cache_key,
     fingerprint_model,
@@ -34,7 +29,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "cached_teacher_targets",
     "check_sampled_tail_divergence",
     "open_training_cache",
     "training_key",
@@ -228,49 +222,3 @@ def check_sampled_tail_divergence(cache: TeacherCache, divergence: str) -> None:
             f"distribution only for divergence='forward_kl', got divergence={divergence!r}. Train with "
             "divergence='forward_kl', or use a cache written with tail_samples=0 (the exact top k)."
         )
-
-
-def cached_teacher_targets(
-    cache: TeacherCache,
-    input_ids: torch.Tensor,
-    labels: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    device: torch.device,
-) -> TopKTeacher:
-    """The cached top-k targets of a batch's scored positions, in the order the loss selects them (row-major).
-
-    Args:
-        cache ([`TeacherCache`]): The open cache.
-        input_ids (`torch.Tensor`): The batch's `input_ids`, `[B, L]`.
-        labels (`torch.Tensor`): The batch's `labels`, `[B, L]` (position `i` is scored when `labels[i + 1]` is not
-            `-100`).
-        attention_mask (`torch.Tensor`, *optional*): Padding mask, `[B, L]`.
-        device (`torch.device`): Where the loss runs.
-
-    Returns:
-        [`TopKTeacher`]
-
-    Raises:
-        TeacherCacheError: When a row is not in the cache (the cache does not cover this dataset).
-    """
-    keys = batch_row_keys(input_ids, labels, attention_mask)
-    ids, log_probs, rest = [], [], []
-    for row, key in enumerate(keys):
-        try:
-            record = cache.lookup(key)
-        except RowNotCachedError:
-            raise TeacherCacheError(
-                f"Batch row {row} is not in the teacher cache at {cache.path}: the cache does not cover this training "
-                "set (another dataset, split, chat template or preprocessing). Rebuild it with `hf-distill "
-                "cache-teacher` on the same dataset and settings."
-            ) from None
-        ids.append(record.ids)
-        log_probs.append(record.log_probs)
-        rest.append(record.rest_log_prob)
-    return TopKTeacher(
-        torch.cat(ids).to(device, non_blocking=True),
-        torch.cat(log_probs).to(device, non_blocking=True),
-        torch.cat(rest).to(device, non_blocking=True),
-        cache.temperature,
-        vocab_rows=cache.vocab_size,
-    )
