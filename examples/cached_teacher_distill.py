@@ -32,6 +32,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--learning-rate", type=float, default=1e-5)
     parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument(
+        "--dataloader-num-workers", type=int, default=2, help="Processes that look up and decode the cached targets."
+    )
     parser.add_argument("--tiny", action="store_true", help="Tiny local models and data (no download, CPU).")
     return parser.parse_args(argv)
 
@@ -74,8 +77,11 @@ def main(argv=None) -> dict:
     del writer  # the teacher is not needed any more
 
     # 2. The student, from the cache: no teacher model is loaded
+    # (the cache lookup runs in the DataLoader workers while the previous step trains)
     trainer = DistillationTrainer(
-        model=args.student, args=config(teacher_cache=str(cache.path)), train_dataset=train_dataset
+        model=args.student,
+        args=config(teacher_cache=str(cache.path), dataloader_num_workers=args.dataloader_num_workers),
+        train_dataset=train_dataset,
     )
     assert trainer.teacher_model is None
     trainer.train()
