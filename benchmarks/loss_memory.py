@@ -207,7 +207,9 @@ def parse_args(argv=None):
     parser.add_argument("--naive-all", action="store_true", help="Run the naive loss for every divergence.")
     parser.add_argument("--beta", type=float, default=0.5, help="Generalized JSD beta (GKD's default 0.5).")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--chunk-size", type=int, default=None, help="Our loss_chunk_size (default: ~64 MiB tiles).")
+    parser.add_argument(
+        "--chunk-size", type=int, default=None, help="Our loss_chunk_size (default: ~16 MiB tiles, >= 64 tokens)."
+    )
     parser.add_argument("--reps", type=int, default=1, help="Measured repetitions per variant (time = median).")
     parser.add_argument("--warmup-tokens", type=int, default=64, help="Tokens of the warm-up call (0: none).")
     common.add_device_arguments(parser, threads_help="torch.set_num_threads in the workers.")

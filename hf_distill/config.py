@@ -101,7 +101,7 @@ class DistillationConfig(VLLMFields, TeacherSignalFields, SFTConfig):
             different sizes, e.g. 151936 vs 152064 rows for one tokenizer).
         loss_chunk_size (`int`, *optional*):
             Tokens per chunk of the loss. By default chosen so that one float32 `[chunk, vocab]` logits tile is about
-            64 MiB. Smaller chunks lower peak memory; larger ones can be a little faster.
+            16 MiB (at least 64 tokens). Smaller chunks lower peak memory; larger ones can be a little faster.
         disable_dropout (`bool`, *optional*, defaults to `True`):
             Whether to disable dropout in the student (the teacher always runs in eval mode).
         teacher_cache (`str`, *optional*):
@@ -180,7 +180,7 @@ class DistillationConfig(VLLMFields, TeacherSignalFields, SFTConfig):
     )
     loss_chunk_size: int | None = field(
         default=None,
-        metadata={"help": "Tokens per loss chunk (default: ~64 MiB float32 logits tiles)."},
+        metadata={"help": "Tokens per loss chunk (default: ~16 MiB float32 logits tiles, >= 64 tokens)."},
     )
     disable_dropout: bool = field(default=True, metadata={"help": "Disable dropout in the student."})
 

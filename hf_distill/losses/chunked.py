@@ -24,8 +24,13 @@ from .lm_head import LMHead
 from .sparse import TopKTeacher, check_top_k_teacher, sparse_divergence_and_grad
 from .teacher_logits import TeacherLogits, select_teacher_rows
 
-DEFAULT_TILE_BYTES = 64 * 2**20
-"""Target size of one float32 `[chunk, vocab]` logits tile when `chunk_size` is left to choose itself."""
+DEFAULT_TILE_BYTES = 16 * 2**20
+"""Target size of one float32 `[chunk, vocab]` logits tile when `chunk_size` is left to choose itself. A chunk holds
+about 3 (top-k targets) to 6 (live teacher, generalized JSD) such tiles at its peak."""
+
+MIN_AUTO_CHUNK = 64
+"""Fewest tokens of an automatically sized chunk (unless the batch has fewer): smaller chunks are slower (CPU: 25-40 %
+slower at 32 tokens than at 64-256; GPU: more kernel launches), so large vocabularies get tiles above the target."""
 
 IGNORE_INDEX = -100
 """Label of a token that is not scored (the transformers convention)."""
@@ -110,17 +115,22 @@ class _Job:
             full = v == rows
             compared = student if full else student[:, :v]
             s_log_probs = torch.log_softmax(compared / t if t != 1.0 else compared, dim=-1)
+            student_top1 = s_log_probs.argmax(-1)  # the argmax of `compared` (log_softmax keeps the order)
+            # The logits tile is needed later only for CE or entropy over more columns than compared, or soft-capping
+            if full and head.softcap is None:
+                raw = student = compared = None
             s_probs = s_log_probs.exp()
             if self.sparse_targets is None:
                 teacher = self.teacher.logits(start, end)[:, :v]
                 t_log_probs = torch.log_softmax(teacher / t if t != 1.0 else teacher, dim=-1)
+                del teacher
+                teacher_top1 = t_log_probs.argmax(-1)
                 values, grad = divergence_and_grad(
                     self.divergence, s_log_probs, t_log_probs, s_probs, self.beta, self.skew_alpha
                 )
-                teacher_top1 = teacher.argmax(-1)
+                del t_log_probs
                 if want_grad and kd_scale:  # dD/du = G - p * sum(G), u = z / T
-                    grad.sub_(s_probs * grad.sum(-1, keepdim=True))
-                del t_log_probs, teacher
+                    grad.addcmul_(s_probs, grad.sum(-1, keepdim=True), value=-1.0)
             else:  # top-k targets: values and dD/du from the [n, k] teacher tile (see `sparse_divergence_and_grad`)
                 ids, t_log_probs, t_rest = self.teacher.rows(start, end, device)
                 values, grad = sparse_divergence_and_grad(
@@ -138,7 +148,6 @@ class _Job:
                 teacher_top1 = ids.gather(-1, t_log_probs.argmax(-1, keepdim=True)).squeeze(-1)
                 del ids, t_log_probs, t_rest
             distill_sum += values.sum().double()
-            student_top1 = compared.argmax(-1)
             agree += (student_top1 == teacher_top1).sum()
             del values, teacher_top1
             if want_grad:
@@ -147,17 +156,20 @@ class _Job:
                     if not full:
                         grad = torch.cat([grad, grad.new_zeros(grad.shape[0], rows - v)], dim=-1)
                 else:  # alpha = 1: the divergence is only logged (and its gradient, maybe not finite, unused)
-                    grad = torch.zeros_like(student)
+                    grad = s_log_probs.new_zeros(s_log_probs.shape[0], rows)
             # The student's full next-token distribution at T = 1 (CE, entropy): the tile's when it is the same one
             if t == 1.0 and full:
                 log_probs, probs = s_log_probs, s_probs
-            elif has_labels:
-                log_probs = torch.log_softmax(student, dim=-1)
-                probs = log_probs.exp()
-            else:
-                log_probs, probs = None, torch.softmax(student, dim=-1)
-            del s_log_probs, s_probs
-            entropy_sum += torch.special.entr(probs).sum().double()  # -p log p, 0 where p is 0
+                del s_log_probs, s_probs
+            else:  # T = 1 from the logits, or from T * log p_T (the logits up to a shift per row) once they are freed
+                source = student if student is not None else s_log_probs.mul_(t)
+                del s_log_probs, s_probs  # before the T = 1 tiles are made
+                if has_labels:
+                    log_probs = torch.log_softmax(source, dim=-1)
+                    probs = log_probs.exp()
+                else:
+                    log_probs, probs = None, torch.softmax(source, dim=-1)
+                del source
             if has_labels:
                 labels = self.labels[start:end]
                 index = labels.unsqueeze(-1)
@@ -183,6 +195,11 @@ class _Job:
                         label_grad = grad.new_full(index.shape, -(1.0 - eps) * ce_scale)
                     grad.scatter_add_(-1, index, label_grad.to(grad.dtype))
                 del token_nll
+            # -sum p log p, 0 where p is 0; in place on the log-probs, which nothing reads after this
+            if log_probs is None:
+                entropy_sum += torch.special.entr(probs).sum().double()
+            else:
+                entropy_sum -= log_probs.mul_(probs).masked_fill_(probs == 0, 0.0).sum().double()
             del log_probs, probs
             if want_grad:
                 if head.softcap is not None:  # z = c * tanh(scale * raw / c): dz/draw = scale * (1 - (z / c)^2)
@@ -242,8 +259,9 @@ class _ChunkedDistillationFunction(torch.autograd.Function):
 
 
 def auto_chunk_size(num_tokens: int, vocab_rows: int, tile_bytes: int = DEFAULT_TILE_BYTES) -> int:
-    """Tokens per chunk so that one float32 `[chunk, vocab]` tile is about `tile_bytes`."""
-    return max(1, min(num_tokens, max(16, tile_bytes // (4 * max(vocab_rows, 1)))))
+    """Tokens per chunk so that one float32 `[chunk, vocab]` tile is about `tile_bytes`, but at least
+    `MIN_AUTO_CHUNK` tokens and at most `num_tokens`."""
+    return max(1, min(num_tokens, max(MIN_AUTO_CHUNK, tile_bytes // (4 * max(vocab_rows, 1)))))
 
 
 def chunked_distillation_loss(
@@ -307,7 +325,8 @@ def chunked_distillation_loss(
         vocab_size (`int`, *optional*): Number of leading vocabulary columns compared; defaults to the smaller of the
             two heads' row counts when they differ only by padding.
         num_items_in_batch (`int`, `float` or `torch.Tensor`, *optional*): Loss normaliser (see above).
-        chunk_size (`int`, *optional*): Tokens per chunk; by default sized so a float32 logits tile is ~64 MiB.
+        chunk_size (`int`, *optional*): Tokens per chunk; by default sized so a float32 logits tile is ~16 MiB
+            (at least 64 tokens).
         label_smoothing (`float`, *optional*, defaults to `0.0`): Label-smoothing factor of the CE term, in
             `[0, 1]` (see above). Only with `ce_loss_type="nll"`.
         ce_loss_type (`str`, *optional*, defaults to `"nll"`): CE variant, `"nll"` or `"dft"` (see above).

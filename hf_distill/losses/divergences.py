@@ -58,7 +58,8 @@ def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch
         return log_b
     if weight_a >= 1.0:
         return log_a
-    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+    mixed = log_a + math.log(weight_a)  # the result is written over this tile: one temporary tile, not two
+    return torch.logaddexp(mixed, log_b + math.log1p(-weight_a), out=mixed)
 
 
 def _log_mix_differentiable(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
@@ -217,9 +218,10 @@ def divergence_and_grad(
         return value, d.add_(1.0).mul_(p)
     if name == "generalized_jsd":
         q = t.exp()
-        log_m = _log_mix(t, s, beta)  # finite wherever p or q is positive
+        log_m = _log_mix(t, s, beta)  # a new tile (0 < beta < 1 here), finite wherever p or q is positive
         value = beta * _weighted_gap(q, t, log_m)
-        g = (s - log_m).masked_fill_(p == 0, 0.0).mul_(p)
+        del q
+        g = torch.sub(s, log_m, out=log_m).masked_fill_(p == 0, 0.0).mul_(p)  # (s - log m) p, over log m's tile
         value += (1.0 - beta) * g.sum(-1)
         return value, g.mul_(1.0 - beta)
     if name == "total_variation":

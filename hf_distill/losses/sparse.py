@@ -221,7 +221,8 @@ def sparse_divergence_and_grad(
         values, g = divergence_and_grad(divergence, s_ids, teacher_log_probs, s_ids.exp(), beta, skew_alpha)
         if not need_grad:
             return values, None
-        return values, torch.zeros_like(s).scatter_(-1, ids, g).sub_(student_probs * g.sum(-1, keepdim=True))
+        grad = torch.zeros_like(s).scatter_(-1, ids, g)
+        return values, grad.addcmul_(student_probs, g.sum(-1, keepdim=True), value=-1.0)
     outside = s.scatter(-1, ids, -math.inf)  # log p_v outside the ids, -inf at them
     s_rest = torch.logsumexp(outside, dim=-1, keepdim=True)
     s_buckets = torch.cat([s_ids, s_rest], dim=-1)
@@ -234,7 +235,7 @@ def sparse_divergence_and_grad(
     # (and in a row where the rest has no mass, shifted by 0 instead of -inf so that -inf - -inf gives no nan)
     share = outside.sub_(s_rest.masked_fill(torch.isneginf(s_rest), 0.0)).exp_()
     grad = share.mul_(g[:, -1:]).scatter_(-1, ids, g[:, :-1])
-    return values, grad.sub_(student_probs * g.sum(-1, keepdim=True))
+    return values, grad.addcmul_(student_probs, g.sum(-1, keepdim=True), value=-1.0)
 
 
 def check_top_k_teacher(teacher: TopKTeacher, temperature: float, sparse_targets: str, vocab_size: int) -> None:
