@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# GPU checks for a session with a CUDA machine: the test suite with a GPU present, then both benchmarks on CUDA
-# (written to their own `*_cuda` sections of docs/benchmarks.md). Logs and the updated docs/benchmarks.md go to $OUT.
+# GPU checks for a session with a CUDA machine: the test suite with a GPU present (TESTS=... to pick files), then the
+# benchmarks on CUDA (BENCHES=..., each written to its own `*_cuda` section of docs/benchmarks.md). Logs and the updated docs/benchmarks.md go to $OUT.
 #
 #   bash benchmarks/gpu_check.sh            # on the GPU machine, from the repository root
+#   TESTS="tests/test_gpu.py tests/test_cache_training.py" BENCHES="cache_step on_policy_step" bash benchmarks/gpu_check.sh
 #
 # Packages the machine lacks can travel as wheels in .whl/ (installed with --no-deps into /tmp/site).
 set -uo pipefail
@@ -24,9 +25,16 @@ python3 -c "import xdist" 2>/dev/null && XDIST="-n 8"
 timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider $XDIST -rfEs \
   --ignore tests/test_docs_build.py --ignore tests/test_notebooks.py ${TESTS:-tests} 2>&1 | tail -60 | tee "$OUT/tests.log"
 
-timeout "${BENCH_TIMEOUT:-150}" python3 benchmarks/train_step.py --device cuda --doc-section train_step_cuda \
-  --teacher-hidden 1024 --teacher-layers 8 --student-hidden 512 --student-layers 4 --seq-len 256 --batch-size 16 \
-  2>&1 | tail -30 | tee "$OUT/train_step.log"
-timeout "${BENCH_TIMEOUT:-150}" python3 benchmarks/loss_memory.py --device cuda --doc-section loss_memory_cuda --reps 3 \
-  2>&1 | tail -30 | tee "$OUT/loss_memory.log"
+# BENCHES picks the benchmarks (default: all); each writes its own `*_cuda` section
+for bench in ${BENCHES:-train_step loss_memory cache_step on_policy_step}; do
+  case $bench in
+    train_step) flags="--teacher-hidden 1024 --teacher-layers 8 --student-hidden 512 --student-layers 4 --seq-len 256
+      --batch-size 16" ;;
+    loss_memory) flags="--reps 3" ;;
+    *) flags="" ;;
+  esac
+  # shellcheck disable=SC2086
+  timeout "${BENCH_TIMEOUT:-200}" python3 benchmarks/$bench.py --device cuda --doc-section ${bench}_cuda $flags \
+    2>&1 | tail -30 | tee "$OUT/$bench.log"
+done
 cp docs/benchmarks.md "$OUT/benchmarks.md"

@@ -13,7 +13,9 @@ from tiny import lm_dataset, make_model, make_tokenizer  # noqa: E402
 from hf_distill import DistillationConfig, DistillationTrainer  # noqa: E402
 
 
-def main(output_dir: str, per_device_batch: int) -> None:
+def main(output_dir: str, per_device_batch: int, cache_root: str | None = None) -> None:
+    """Train 3 steps; with `cache_root`, from a top-k teacher cache there (written by the first, single-process run,
+    then found complete by the others) instead of the live teacher."""
     tokenizer = make_tokenizer()
     student = make_model(len(tokenizer), seed=1)
     teacher = make_model(len(tokenizer), hidden_size=48, seed=2)
@@ -41,6 +43,16 @@ def main(output_dir: str, per_device_batch: int) -> None:
     trainer = DistillationTrainer(
         model=student, teacher_model=teacher, args=args, train_dataset=lm_dataset(12), processing_class=tokenizer
     )
+    if cache_root is not None:
+        cache = trainer.write_teacher_cache(cache_root, k=16, show_progress=False)
+        args.teacher_cache = str(cache.path)
+        trainer = DistillationTrainer(
+            model=make_model(len(tokenizer), seed=1),
+            args=args,
+            train_dataset=lm_dataset(12),
+            processing_class=tokenizer,
+        )
+        assert trainer.teacher_model is None
     trainer.train()
     trainer.save_model(output_dir)
     if trainer.accelerator.is_main_process:
@@ -49,4 +61,4 @@ def main(output_dir: str, per_device_batch: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), *sys.argv[3:4])

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from tiny import subprocess_env
@@ -20,12 +21,15 @@ def _run(cmd: list[str]) -> None:
     assert result.returncode == 0, result.stderr[-4000:]
 
 
-def test_ddp_matches_single_process(tmp_path):
+@pytest.mark.parametrize("teacher", ["live", "cache"])
+def test_ddp_matches_single_process(tmp_path, teacher):
+    """With a cache, each rank's collator looks up its own rows (written by the single-process run first)."""
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    _run([sys.executable, str(HERE / "ddp_worker.py"), str(single), "4"])
+    cache = [str(tmp_path / "cache")] if teacher == "cache" else []
+    _run([sys.executable, str(HERE / "ddp_worker.py"), str(single), "4", *cache])
     _run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-         str(HERE / "ddp_worker.py"), str(ddp), "2"]
+         str(HERE / "ddp_worker.py"), str(ddp), "2", *cache]
     )  # fmt: skip
     losses_single = json.loads((single / "losses.json").read_text())
     losses_ddp = json.loads((ddp / "losses.json").read_text())
