@@ -377,11 +377,14 @@ def chunked_distillation_loss(
             labels = labels.index_select(0, index)
             teacher = select_teacher_rows(teacher, index)
             n_tokens = n_scored
+    divisor = None  # a tensor normaliser divides the loss after the function: autograd scales the gradients, no sync
     if num_items_in_batch is None:
         normaliser = float(max(n_tokens, 1))
+    elif torch.is_tensor(num_items_in_batch):
+        normaliser = 1.0
+        divisor = num_items_in_batch.detach().to(student_hidden.device, torch.float32).clamp(min=1.0)
     else:
-        normaliser = float(num_items_in_batch.item() if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
-        normaliser = max(normaliser, 1.0)
+        normaliser = max(float(num_items_in_batch), 1.0)
     sparse = isinstance(teacher, TopKTeacher)
     if sparse:
         check_top_k_teacher(teacher, temperature, sparse_targets, int(vocab_size))
@@ -403,7 +406,9 @@ def chunked_distillation_loss(
     )
     if not torch.is_grad_enabled():  # evaluation: `needs_input_grad` ignores the grad mode, so skip the function
         loss, _ = job.run(student_hidden, (False, False, False))
-        return DistillationLossOutput(loss=loss, num_tokens=n_tokens, **job.stats)
+        return DistillationLossOutput(
+            loss=loss if divisor is None else loss / divisor, num_tokens=n_tokens, **job.stats
+        )
     with contextlib.ExitStack() as stack:
         # The stored gradients are saved tensors of the function, which are needed as soon as backward starts (like
         # the LM head's activations, which TRL's activation offloading exempts the same way): identity hooks on top
@@ -413,4 +418,6 @@ def chunked_distillation_loss(
         except RuntimeError:  # saved-tensor hooks are disabled here (e.g. under vmap): nothing to keep off
             pass
         loss = _ChunkedDistillationFunction.apply(student_hidden, student_head.weight, student_head.bias, job)
+    if divisor is not None:
+        loss = loss / divisor
     return DistillationLossOutput(loss=loss, num_tokens=n_tokens, **job.stats)
