@@ -22,17 +22,32 @@ of each write and the bytes of each cache (all files on disk, per scored token a
 Time per step is measured with `train_step.py`'s `TrainerCallback` (`on_step_begin` -> `on_step_end`: forward,
 teacher targets, loss, backward, clipping and optimizer step). Timing runs in ONE process: the trainers are built side
 by side and take turns, `--rounds` times, each turn a short `trainer.train()` of `--warmup-steps` (discarded) plus
-`--steps` measured steps, the order rotating every round; ratios are also given per round (paired). In the same runs,
-the time spent in the cache lookup + decode (`hf_distill.trainer.cached_teacher_targets`) and in the chunked loss
-(`hf_distill.trainer.chunked_distillation_loss`, forward and gradient) is recorded by wrapping those two functions.
+`--steps` measured steps, the order rotating every round; ratios are also given per round (paired). Every variant's
+DataLoader uses `--dataloader-workers` worker processes (`dataloader_num_workers`; default 2 on cuda, 0 on cpu).
+
+The cache lookup runs in the data collator, off the training step: `DistillationTrainer` wraps its collator in
+`hf_distill.teachers.cached_batches.CacheTargetsCollator`, which looks the batch's rows up and decodes their top-k
+targets (`fetch_cached_targets`) into a `CachedBatchTargets`; the step only moves those to the device
+(`CachedBatchTargets.to_teacher`, non-blocking copies). In the timing runs, three things are timed by wrapping them:
+the collator's lookup + decode (`hf_distill.teachers.cached_batches.fetch_cached_targets`, per batch; only seen when
+the DataLoader runs in the main process, `--dataloader-workers 0`: calls in worker processes are not recorded; the
+batch is fetched before the step timer starts, so this time is not inside the measured step), the in-step transfer
+(`CachedBatchTargets.to_teacher`, per step) and the chunked loss (`hf_distill.trainer.chunked_distillation_loss`,
+forward and gradient, per step).
+
 Peak memory is measured separately, each variant in a fresh subprocess (a short run after the trainer is built); the
-cache variants' processes never build the teacher.
+cache variants' processes never build the teacher. On CPU, two measures: the resident set size (peak RSS above
+setup), and the peak of the bytes held by tensors (`_common.TensorAllocationPeak`, from the PyTorch profiler's memory
+events, the CPU analogue of `torch.cuda.max_memory_allocated`), in a second run of the same steps: RSS hides
+short-lived logit tiles that the allocator serves from pages it already holds. With DataLoader workers, their
+allocations (the lookup) are in other processes and counted by neither.
 
 Usage:
     python benchmarks/cache_step.py --threads 1   # batch 8 x 64; 4 rounds x (1 warm-up + 4 measured steps)
     python benchmarks/cache_step.py --quick       # smoke run: tiny models, no memory subprocesses
     python benchmarks/cache_step.py --profile     # also print torch.profiler tables of an sft and a cache step
-    python benchmarks/cache_step.py --device cuda
+    python benchmarks/cache_step.py --device cuda  # 2 DataLoader workers by default on cuda
+    python benchmarks/cache_step.py --quick --dataloader-workers 2
 """
 
 from __future__ import annotations
@@ -109,36 +124,53 @@ def build_trainer(spec: dict, variant: str, callback):
 
 
 class SectionTimer:
-    """Wraps `hf_distill.trainer.cached_teacher_targets` and `chunked_distillation_loss` to time each call.
+    """Times each call of the cached-target lookup in the collator, of the in-step transfer and of the chunked loss.
 
-    The trainer module calls them by their module-level names, so replacing those names is enough; calls are recorded
-    under `self.current` (the variant whose turn it is).
+    - `fetch_cached_targets`: the module-level function of `hf_distill.teachers.cached_batches`, which
+      `CacheTargetsCollator` calls by that name (lookup + decode, once per batch, in the data loader). Calls made in
+      DataLoader worker processes (`dataloader_num_workers > 0`) are not seen here: this is recorded only when the
+      data loader runs in the main process.
+    - `to_teacher`: the method `CachedBatchTargets.to_teacher` (replaced on the class), the step's part: the
+      non-blocking copies of the targets to the device.
+    - `chunked_distillation_loss`: called by `hf_distill.trainer` by its module-level name.
+
+    Calls are recorded under `self.current` (the variant whose turn it is). The device is synchronized around the
+    in-step calls (so a transfer's or the loss's time includes its device work); the collator's lookup is CPU work.
     """
 
-    NAMES = ("cached_teacher_targets", "chunked_distillation_loss")
+    NAMES = ("fetch_cached_targets", "to_teacher", "chunked_distillation_loss")
 
     def __init__(self, device: str):
+        import hf_distill.teachers.cached_batches as batches_module
         import hf_distill.trainer as trainer_module
 
         self.device = device
         self.current = None
         self.calls: dict[tuple[str, str], list[float]] = {}
-        for name in self.NAMES:
-            setattr(trainer_module, name, self._wrap(name, getattr(trainer_module, name)))
+        batches_module.fetch_cached_targets = self._wrap(
+            "fetch_cached_targets", batches_module.fetch_cached_targets, sync=False
+        )
+        targets_class = batches_module.CachedBatchTargets
+        targets_class.to_teacher = self._wrap("to_teacher", targets_class.to_teacher)
+        trainer_module.chunked_distillation_loss = self._wrap(
+            "chunked_distillation_loss", trainer_module.chunked_distillation_loss
+        )
 
-    def _wrap(self, name: str, function):
+    def _wrap(self, name: str, function, sync: bool = True):
+        device = self.device if sync else "cpu"
+
         def timed(*args, **kwargs):
-            common.synchronize(self.device)
+            common.synchronize(device)
             start = time.perf_counter()
             out = function(*args, **kwargs)
-            common.synchronize(self.device)
+            common.synchronize(device)
             self.calls.setdefault((self.current, name), []).append(time.perf_counter() - start)
             return out
 
         return timed
 
     def take(self, variant: str, skip: int) -> dict[str, list[float]]:
-        """The calls of `variant` since the last `take`, without the first `skip` (the warm-up steps)."""
+        """The calls of `variant` since the last `take`, without the first `skip` (the warm-up steps' batches)."""
         return {name: self.calls.pop((variant, name), [])[skip:] for name in self.NAMES}
 
 
@@ -226,15 +258,22 @@ def run_variant(spec: dict) -> dict:
         # is the live one
         params_in_process = sum(p.numel() for p in _live_parameters(torch))
         setup_rss_mib = (common._status_kib("VmRSS") or 0) / 1024
+        cuda = spec["device"].startswith("cuda")
         probe = common.MemoryProbe(spec["device"])
         probe.start()
         trainer.train()
         memory = probe.stop()
+        tensor_peak_mib = None
+        if not cuda:  # the same steps again under the profiler (its event buffers would inflate the RSS)
+            with common.TensorAllocationPeak() as tensor_peak:
+                trainer.train()
+            tensor_peak_mib = tensor_peak.peak_mib
     return {
         "variant": spec["variant"],
         "step_times_s": callback.times[spec["warmup_steps"] :],
         "losses": callback.losses,
         "memory": memory,
+        "tensor_peak_mib": tensor_peak_mib,
         "setup_rss_mib": setup_rss_mib,
         "process_peak_rss_mib": common.process_peak_rss_mib(),
         "teacher_params": teacher_params,
@@ -251,8 +290,9 @@ def memory_phase(args, base: dict, variants: list[str]) -> dict:
         results[variant] = common.run_worker(__file__, spec, timeout=args.timeout, verbose=args.verbose)
         r = results[variant]
         m = r["memory"]
+        tensors = "" if r["tensor_peak_mib"] is None else f", tensor allocation peak {r['tensor_peak_mib']:.0f} MiB"
         print(
-            f"  {variant}: peak above setup {m['peak_above_mib']:.0f} MiB, peak {m['peak_mib']:.0f} MiB, "
+            f"  {variant}: peak above setup {m['peak_above_mib']:.0f} MiB, peak {m['peak_mib']:.0f} MiB{tensors}, "
             f"teacher parameters in the process {r['teacher_params']}",
             flush=True,
         )
@@ -367,12 +407,21 @@ def parse_args(argv=None):
         "--profile", action="store_true", help="Print torch.profiler tables of an sft and a cache run."
     )
     parser.add_argument("--profile-rows", type=int, default=25, help="Rows of each profiler table.")
+    parser.add_argument(
+        "--dataloader-workers",
+        type=int,
+        default=None,
+        help="DataLoader worker processes of every variant (`dataloader_num_workers`; default: 2 with --device cuda, "
+        "else 0). The collator's cache lookup is timed only with 0 (calls in worker processes are not seen).",
+    )
     common.add_write_arguments(
         parser, SECTION, section_help=f"Marker name of the docs/benchmarks.md section (default {SECTION!r})."
     )
     common.add_worker_arguments(parser)
     args = parser.parse_args(argv)
     args.ks = [int(k) for k in args.ks.split(",") if k.strip()]
+    if args.dataloader_workers is None:
+        args.dataloader_workers = 2 if args.device.startswith("cuda") else 0
     if args.quick:
         args.vocab, args.teacher_hidden, args.teacher_layers = 2048, 64, 2
         args.student_hidden, args.student_layers = 64, 1
@@ -410,7 +459,7 @@ def main(argv=None) -> None:
     print(f"Machine: {machine}")
     keys = (
         "vocab", "teacher_hidden", "teacher_layers", "student_hidden", "student_layers", "batch_size", "seq_len",
-        "prompt_len", "beta", "warmup_steps", "steps", "device", "threads", "seed",
+        "prompt_len", "beta", "warmup_steps", "steps", "device", "threads", "seed", "dataloader_workers",
     )  # fmt: skip
     base = {key: getattr(args, key) for key in keys}
     base["data_steps"] = args.warmup_steps + args.steps  # the rows every trainer (and the caches) cover
@@ -440,10 +489,12 @@ def main(argv=None) -> None:
             setup = (
                 isolated[variant]["setup_rss_mib"] if not args.device.startswith("cuda") else memory["baseline_mib"]
             )
+            tensor_peak = isolated[variant]["tensor_peak_mib"]
         else:
             peak_above = max(r["memory"]["peak_above_mib"] for r in rounds[variant])
             peak = max(r["memory"]["peak_mib"] for r in rounds[variant])
             setup = float("nan")
+            tensor_peak = None
         section_times = {
             name: [t for r in rounds[variant] for t in r["sections"][name]] for name in SectionTimer.NAMES
         }
@@ -456,8 +507,10 @@ def main(argv=None) -> None:
             "peak_above": peak_above,
             "peak": peak,
             "setup": setup,
+            "tensor_peak": float("nan") if tensor_peak is None else tensor_peak,
             "first_loss": losses[0] if losses else float("nan"),
-            "lookup_ms": 1000 * common.median(section_times["cached_teacher_targets"]),
+            "lookup_ms": 1000 * common.median(section_times["fetch_cached_targets"]),
+            "to_device_ms": 1000 * common.median(section_times["to_teacher"]),
             "loss_ms": 1000 * common.median(section_times["chunked_distillation_loss"]),
             "teacher_params": isolated[variant]["teacher_params"] if isolated else None,
             "params_in_process": isolated[variant]["params_in_process"] if isolated else None,
@@ -467,7 +520,12 @@ def main(argv=None) -> None:
     mem_where = "fresh process" if isolated else "in-process, indicative"
 
     def ms(value: float) -> str:
-        return "–" if value != value else f"{value:.0f}"
+        return "–" if value != value else f"{value:.0f}" if value >= 10 else f"{value:.2g}"
+
+    def mib(value: float) -> str:
+        return "–" if value != value else f"{value:.3g}" if value < 1000 else f"{value:.0f}"
+
+    main_process_loader = args.dataloader_workers == 0
 
     headers = [
         "variant",
@@ -478,8 +536,10 @@ def main(argv=None) -> None:
         f"peak above setup ({unit}, {mem_where})",
         f"setup ({unit})",
         f"peak ({unit})",
+        "peak tensor allocation above setup (MiB, CPU profiler)",
         "parameters in the process (teacher's)",
-        "cache lookup + decode (ms/step)",
+        "cache lookup + decode in the collator (ms/batch)",
+        "targets to device in the step (ms/step)",
         "chunked loss (ms/step)",
         "step-1 loss",
     ]
@@ -493,10 +553,12 @@ def main(argv=None) -> None:
             s["peak_above"],
             s["setup"],
             s["peak"],
+            mib(s["tensor_peak"]),
             "–"
             if s["teacher_params"] is None
             else f"{s['params_in_process'] / 1e6:.1f}M ({s['teacher_params'] / 1e6:.1f}M)",
-            ms(s["lookup_ms"]),
+            ms(s["lookup_ms"]) if main_process_loader or not v.startswith("cache") else "– (in workers)",
+            ms(s["to_device_ms"]),
             ms(s["loss_ms"]),
             f"{s['first_loss']:.5f}",
         ]
@@ -510,13 +572,36 @@ def main(argv=None) -> None:
     mem_parts = [
         f"{short[v]} {100 * stats[v]['peak_above'] / stats['sft']['peak_above']:.0f}%" for v in variants if v != "sft"
     ]
-    ratio_lines.append(f"- Peak memory above setup relative to SFT only: {', '.join(mem_parts)}.")
+    ratio_lines.append(f"- Peak memory above setup ({unit}) relative to SFT only: {', '.join(mem_parts)}.")
+    if not cuda and isolated:
+        tensor_parts = [
+            f"{short[v]} {100 * stats[v]['tensor_peak'] / stats['sft']['tensor_peak']:.0f}%"
+            for v in variants
+            if v != "sft"
+        ]
+        ratio_lines.append(
+            f"- Peak tensor allocation above setup (CPU profiler) relative to SFT only: {', '.join(tensor_parts)}."
+        )
+
+    def share(k: int, key: str) -> float:
+        return 100 * stats[f"cache{k}"][key] / 1000 / stats[f"cache{k}"]["median"]
+
     shares = ", ".join(
-        f"k={k}: lookup + decode {100 * stats[f'cache{k}']['lookup_ms'] / 1000 / stats[f'cache{k}']['median']:.1f}%, "
-        f"chunked loss {100 * stats[f'cache{k}']['loss_ms'] / 1000 / stats[f'cache{k}']['median']:.0f}%"
+        f"k={k}: targets to device {share(k, 'to_device_ms'):.1f}%, chunked loss {share(k, 'loss_ms'):.0f}%"
         for k in args.ks
     )
     ratio_lines.append(f"- Share of a cache step (medians per step / median step): {shares}.")
+    if main_process_loader:
+        lookups = ", ".join(f"k={k} {share(k, 'lookup_ms'):.1f}%" for k in args.ks)
+        ratio_lines.append(
+            "- Collator lookup + decode per batch (main process, between steps, outside the timed step) relative to "
+            f"the median cache step: {lookups}."
+        )
+    else:
+        ratio_lines.append(
+            f"- Collator lookup + decode: in the {args.dataloader_workers} DataLoader worker processes, overlapping "
+            "the steps; not timed (calls in worker processes are not seen)."
+        )
     losses_text = ", ".join(
         f"k={k} {stats[f'cache{k}']['first_loss']:.6f} "
         f"({100 * (stats[f'cache{k}']['first_loss'] / stats['live']['first_loss'] - 1):+.1f}% vs live)"
@@ -603,17 +688,36 @@ def main(argv=None) -> None:
         f"parameters), student {args.student_layers} layers x {args.student_hidden} ({params['student'] / 1e6:.1f}M "
         f"parameters; built first from the seed, so every variant starts from the same weights), float32. Batch "
         f"{args.batch_size} x {args.seq_len} tokens ({args.prompt_len + PROMPT_OVERHEAD} prompt tokens, not trained), "
-        f"AdamW, no packing, device `{args.device}`. Ours: generalized JSD (beta {args.beta}), temperature 1, alpha "
+        f"AdamW, no packing, device `{args.device}`, DataLoader workers: {args.dataloader_workers} "
+        f"(`dataloader_num_workers`, every variant). Ours: generalized JSD (beta {args.beta}), temperature 1, alpha "
         f"0; from a cache with `sparse_targets='bucket'` and no teacher model.{sft_note} Timing: one process, "
         f"{args.rounds} turns per variant (order rotated each round), each {args.warmup_steps} warm-up + "
-        f"{args.steps} measured steps; the lookup/loss columns are medians per measured step of "
-        "`cached_teacher_targets` (row keys, lookup, decode, to device) and `chunked_distillation_loss` (loss and its "
-        "gradient, computed in the forward)."
+        f"{args.steps} measured steps. The cache lookup runs in the data collator (`CacheTargetsCollator`), not in "
+        "the step: 'cache lookup + decode in the collator' is the median per measured batch of "
+        "`hf_distill.teachers.cached_batches.fetch_cached_targets` (row keys, lookup, decode on the CPU; timed only "
+        "when the DataLoader runs in the main process, i.e. with 0 workers, and then between steps, outside the timed "
+        "step); 'targets to device in the step' is `CachedBatchTargets.to_teacher` (non-blocking copies, device "
+        "synchronized around it) and 'chunked loss' is `chunked_distillation_loss` (loss and its gradient, computed "
+        "in the forward), medians per measured step."
         + (
             f" Memory: each variant in a fresh process, {args.memory_steps} steps after the trainer is built; the "
             "cache variants' processes never build the teacher ('parameters in the process': every `nn.Parameter` "
             "alive there, found with `gc`); 'setup' is the RSS once the trainer exists (the live teacher's weights "
             "are there)."
+            + (
+                " 'Peak tensor allocation': on CPU, the peak of the bytes held by tensors in a second run of the same "
+                "steps after the RSS measurement (the profiler's buffers would inflate the RSS), above what they held "
+                "at its start (`TensorAllocationPeak`: PyTorch profiler memory events, the CPU "
+                "analogue of `torch.cuda.max_memory_allocated`; RSS hides short-lived logit tiles served from pages "
+                "the allocator already holds)"
+                + (
+                    "."
+                    if main_process_loader
+                    else "; allocations in the DataLoader worker processes (the lookup) are counted by neither."
+                )
+                if not cuda
+                else " On cuda, the allocated-bytes columns are already the tensors' peak (no profiler column)."
+            )
             if isolated
             else " Memory: measured in the timing process (indicative only)."
         )

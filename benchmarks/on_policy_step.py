@@ -26,6 +26,11 @@ with wrappers around instance methods (no library file is changed):
 - `loss fwd`: `compute_loss` (student forward, teacher forward, chunked divergence);
 - the rest of the step: backward, gradient clipping, optimizer step and the trainer's bookkeeping.
 
+Peak memory (fresh process per variant): on CPU, the peak resident set size above setup, and, in a second run of the
+same steps, the peak of the bytes held by tensors (`_common.TensorAllocationPeak`, from the PyTorch profiler's memory
+events: the CPU analogue of `torch.cuda.max_memory_allocated`; RSS hides short-lived logit tiles). On cuda, allocated
+bytes.
+
 Usage:
     python benchmarks/on_policy_step.py --threads 1  # batch 8 prompts x 16 tokens, 32 new tokens; ~3 min
     python benchmarks/on_policy_step.py --quick      # smoke run: tiny models, no memory subprocesses
@@ -250,10 +255,16 @@ def run_variant(spec: dict) -> dict:
         probe.start()
         trainer.train()
         memory = probe.stop()
+        tensor_peak_mib = None
+        if not spec["device"].startswith("cuda"):  # the same steps again under the profiler (it would inflate the RSS)
+            with common.TensorAllocationPeak() as tensor_peak:
+                trainer.train()
+            tensor_peak_mib = tensor_peak.peak_mib
     return {
         **turn_result(callback, parts, spec["warmup_steps"]),
         "variant": spec["variant"],
         "memory": memory,
+        "tensor_peak_mib": tensor_peak_mib,
         "process_peak_rss_mib": common.process_peak_rss_mib(),
     }
 
@@ -402,8 +413,10 @@ def main(argv=None) -> None:
         if isolated:
             memory = isolated[variant]["memory"]
             peak_above, peak = memory["peak_above_mib"], memory["peak_mib"]
+            tensor_peak = isolated[variant]["tensor_peak_mib"]
         else:
             peak_above = peak = float("nan")
+            tensor_peak = None
         stats[variant] = {
             "median": common.median(times),
             "mean": common.mean(times),
@@ -413,9 +426,11 @@ def main(argv=None) -> None:
             "phases": phases,
             "peak_above": peak_above,
             "peak": peak,
+            "tensor_peak": float("nan") if tensor_peak is None else tensor_peak,
             "first_loss": rounds[variant][0]["losses"][0] if rounds[variant][0]["losses"] else float("nan"),
         }
-    unit = "MiB allocated" if args.device.startswith("cuda") else "MiB RSS"
+    cuda = args.device.startswith("cuda")
+    unit = "MiB allocated" if cuda else "MiB RSS"
     headers = [
         "variant",
         "median s/step",
@@ -428,6 +443,7 @@ def main(argv=None) -> None:
         "rest: bwd + optim (s)",
         f"peak above setup ({unit}, fresh process)",
         f"peak ({unit})",
+        "peak tensor allocation above setup (MiB, CPU profiler)",
     ]
     rows = []
     for v, s in stats.items():
@@ -445,6 +461,7 @@ def main(argv=None) -> None:
                 ph["rest"],
                 s["peak_above"],
                 s["peak"],
+                "–" if s["tensor_peak"] != s["tensor_peak"] else s["tensor_peak"],
             ]
         )
     table = common.markdown_table(headers, rows)
@@ -478,7 +495,10 @@ def main(argv=None) -> None:
         )
         if isolated:
             mem = stats["ours"]["peak_above"] / stats["trl"]["peak_above"]
-            lines.append(f"- Peak memory above setup ours / TRL: {100 * mem:.0f}%.")
+            lines.append(f"- Peak memory above setup ({unit}) ours / TRL: {100 * mem:.0f}%.")
+            if not cuda:
+                tensors = stats["ours"]["tensor_peak"] / stats["trl"]["tensor_peak"]
+                lines.append(f"- Peak tensor allocation above setup (CPU profiler) ours / TRL: {100 * tensors:.0f}%.")
     lines.append(
         "- Tokens: generated per `generate` call "
         + ", ".join(f"{v} {c['new']}" for v, c in checks.items())
@@ -509,6 +529,15 @@ def main(argv=None) -> None:
         "loss forward."
         + (
             f" Memory: each variant in a fresh process, {args.memory_steps} steps after the trainer is built."
+            + (
+                " 'Peak tensor allocation': on CPU, the peak of the bytes held by tensors in a second run of the same "
+                "steps after the RSS measurement (the profiler's buffers would inflate the RSS), above what they held "
+                "at its start (`TensorAllocationPeak`: PyTorch profiler memory events, the CPU "
+                "analogue of `torch.cuda.max_memory_allocated`; RSS hides short-lived logit tiles served from pages "
+                "the allocator already holds)."
+                if not cuda
+                else " On cuda, the allocated-bytes columns are already the tensors' peak (no profiler column)."
+            )
             if isolated
             else " Memory: not measured (no fresh-process runs)."
         )

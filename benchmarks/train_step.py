@@ -168,7 +168,7 @@ def training_arguments(spec: dict, config_cls, **extra):
         logging_steps=1,
         disable_tqdm=True,
         dataloader_pin_memory=False,
-        dataloader_num_workers=0,
+        dataloader_num_workers=spec.get("dataloader_workers", 0),
         max_length=max(1024, spec["seq_len"]),
         seed=spec["seed"],
         use_cpu=spec["device"] == "cpu",

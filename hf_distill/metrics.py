@@ -38,12 +38,18 @@ class DistillationMetricsMixin:
         per_step = mode == "train" and num_items_in_batch is not None
         if per_step:
             # Each rank's share of the step's tokens: `num_items_in_batch` is global when averaged across devices
-            share = float(num_items_in_batch)
+            count = torch.as_tensor(num_items_in_batch).to(device, torch.float32)
             if self.args.average_tokens_across_devices:
-                share /= self.accelerator.num_processes
-            count = torch.tensor(share, device=device)
+                count = count / self.accelerator.num_processes
         else:
             count = torch.tensor(float(result.num_tokens), device=device)
+        if mode == "train":
+            if "attention_mask" in inputs:
+                seen = inputs["attention_mask"].sum()
+            else:
+                seen = torch.tensor(inputs["input_ids"].numel())
+        else:
+            seen = zero
         local = torch.stack(
             [
                 value(result.distill_sum),
@@ -51,21 +57,18 @@ class DistillationMetricsMixin:
                 value(result.agree_count),
                 value(result.correct_count),
                 value(getattr(result, "entropy_sum", None)),
-                count,
+                count.reshape(()),
+                value(seen),
             ]
         )
-        # `gather`, not `gather_for_metrics`: the latter trims the last evaluation batch by sample count
-        totals = self.accelerator.gather(local.unsqueeze(0)).sum(0)
-        n = totals[-1].item()
+        # `gather`, not `gather_for_metrics`: the latter trims the last evaluation batch by sample count. One gather
+        # and one read-back (host sync) per micro-batch.
+        *totals, n, seen_total = self.accelerator.gather(local.unsqueeze(0)).sum(0).tolist()
         if n > 0:
             # Mean over micro-batches of (sum / step tokens * steps) = per-token mean of each step, averaged over steps
             scale = self._accumulation_steps() if per_step else 1
-            for name, total in zip(METRIC_NAMES, totals[:-1].tolist()):
+            for name, total in zip(METRIC_NAMES, totals):
                 self._metrics[mode][name].append(total / n * scale)
         if mode == "train":
-            if "attention_mask" in inputs:
-                seen = inputs["attention_mask"].sum()
-            else:
-                seen = torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)
-            self._total_train_tokens += int(self.accelerator.gather(seen.reshape(1)).sum().item())
+            self._total_train_tokens += int(seen_total)
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
