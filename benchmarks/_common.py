@@ -51,6 +51,7 @@ python benchmarks/train_step.py --quick
 python benchmarks/cache_step.py --threads 1    # ~5 min
 python benchmarks/cache_quality.py             # ~7-12 min (trains a teacher and six students)
 python benchmarks/on_policy_step.py --threads 1  # ~5 min
+python benchmarks/cache_lookup.py              # ~1 min: random row lookups in a 16-shard cache
 python benchmarks/loss_memory.py --device cuda   # on a GPU; memory is then torch.cuda.max_memory_allocated
 ```
 

@@ -151,8 +151,9 @@ def test_corrupt_payloads_are_refused():
 def test_old_format_version_is_refused_and_gets_another_folder(tmp_path):
     key = {"teacher": "t"}
     full = cache_key(key, vocab_size=10, k=3, temperature=1.0, logprob_bits=8)
-    assert full["format_version"] == FORMAT_VERSION == 2
-    assert cache_dir_for(tmp_path, full) != cache_dir_for(tmp_path, {**full, "format_version": 1})
+    assert full["format_version"] == FORMAT_VERSION == 3
+    for old in (1, 2):
+        assert cache_dir_for(tmp_path, full) != cache_dir_for(tmp_path, {**full, "format_version": old})
     assert cache_dir_for(tmp_path, full) != cache_dir_for(
         tmp_path, {k: v for k, v in full.items() if k != "format_version"}
     )
@@ -165,9 +166,9 @@ def test_old_format_version_is_refused_and_gets_another_folder(tmp_path):
     np.testing.assert_array_equal(cache.lookup(row_key([1, 2, 3], [True, True, False])).ids, [[4, 9, 0], [1, 2, 3]])
 
     manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["format_version"] = 1
+    manifest["format_version"] = 2
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(TeacherCacheError, match="format version 1; this hf_distill reads version 2 only"):
+    with pytest.raises(TeacherCacheError, match="format version 2; this hf_distill reads version 3 only"):
         TeacherCache.open(folder)
-    with pytest.raises(TeacherCacheError, match="format version 1"):
+    with pytest.raises(TeacherCacheError, match="format version 2"):
         TeacherCacheWriter(folder, key, vocab_size=10, k=3, rows_per_shard=4)

@@ -462,12 +462,28 @@ def test_bit_flip_is_caught_before_any_value(built):
     data = bytearray((folder / name).read_bytes())
     data[len(data) // 2 + 3] ^= 0x01
     (folder / name).write_bytes(bytes(data))
-    cache = TeacherCache.open(folder)  # same size: hashing is lazy
+    cache = TeacherCache.open(folder)  # same size: checked when read
     _lookup(cache, rows[0])  # other shards still read
     with pytest.raises(TeacherCacheError, match=rf"{name} is corrupt or truncated(.|\n)*Delete {name}(.|\n)*rerun"):
         _lookup(cache, rows[5])
     with pytest.raises(TeacherCacheError, match=name):
         TeacherCache.open(folder, verify=True)
+
+
+def test_a_flip_in_one_row_refuses_that_row_only(built):
+    folder, rows, _ = built
+    cache = TeacherCache.open(folder)
+    name = _shard_of_row(cache, 5)  # rows 4-7
+    payload_begin = cache._shard(1)._payload_begin
+    offsets = cache._shard(1).offsets
+    data = bytearray((folder / name).read_bytes())
+    data[payload_begin + int(offsets[1]) + 2] ^= 0x01  # a byte of row 5's record
+    (folder / name).write_bytes(bytes(data))
+    cache = TeacherCache.open(folder)
+    for index in (4, 6, 7):
+        _lookup(cache, rows[index])
+    with pytest.raises(TeacherCacheError, match=rf"{name} is corrupt or truncated: row 1 does not match its checksum"):
+        _lookup(cache, rows[5])
 
 
 def test_truncated_or_missing_shard_fails_at_open(built):
@@ -541,8 +557,11 @@ def test_cache_built_on_gpu_matches_cpu(tmp_path):
         torch.testing.assert_close(b.rest_log_prob, a.rest_log_prob, rtol=0, atol=1e-4)
 
 
-def test_evicted_shards_are_hashed_once_but_a_changed_file_is_caught(tmp_path, monkeypatch):
+def test_lookups_read_single_rows_and_check_each(tmp_path, monkeypatch):
+    """A lookup maps its shard and reads that row's bytes (no whole-shard read or hash, however the shards are
+    visited); each row is checked against its CRC-32, so a row changed on disk is refused."""
     import hf_distill.teachers.cache as reader
+    import hf_distill.teachers.cache_files as files
 
     tokenizer = make_tokenizer()
     teacher = make_model(len(tokenizer), seed=0)
@@ -551,19 +570,27 @@ def test_evicted_shards_are_hashed_once_but_a_changed_file_is_caught(tmp_path, m
         teacher, rows, tmp_path / "c", key={"t": 1}, k=4, rows_per_shard=2, show_progress=False
     )
     assert len(cache.manifest["shards"]) == 3
-    hashed = []
-    real = reader._sha256_hex
-    monkeypatch.setattr(reader, "_sha256_hex", lambda data: hashed.append(len(data)) or real(data))
+    expected = {key: cache.lookup(key) for key in cache.row_keys()}
     opened = reader.TeacherCache.open(tmp_path / "c", max_loaded_shards=1)
     keys = list(opened.row_keys())
-    hashed.clear()  # opening hashed the index
-    for _ in range(3):  # every lookup evicts the previous shard
+
+    def whole_read(*_):
+        raise AssertionError("a whole shard was read or hashed during lookups")
+
+    monkeypatch.setattr(Path, "read_bytes", whole_read)
+    monkeypatch.setattr(reader, "file_sha256", whole_read)
+    monkeypatch.setattr(files, "file_sha256", whole_read)
+    for _ in range(3):  # every lookup maps its shard again (max_loaded_shards=1)
         for key in keys:
-            opened.lookup(key)
-    assert len(hashed) == 3  # each shard hashed once, though read 9 times
+            row = opened.lookup(key)
+            assert torch.equal(row.ids, expected[key].ids) and torch.equal(row.log_probs, expected[key].log_probs)
+    monkeypatch.undo()
     shard = tmp_path / "c" / opened.manifest["shards"][0]["file"]
     data = bytearray(shard.read_bytes())
-    data[-1] ^= 0xFF
-    shard.write_bytes(bytes(data))  # same size, new mtime: hashed again, and refused
-    with pytest.raises(reader.TeacherCacheError, match="corrupt"):
-        opened.lookup(keys[0])
+    data[-1] ^= 0xFF  # the last byte of the file: the last row key of shard 0 (row 1)
+    shard.write_bytes(bytes(data))
+    opened.lookup(keys[0])  # row 0 is intact
+    with pytest.raises(reader.TeacherCacheError, match="shard-00000.safetensors is corrupt or truncated: row 1"):
+        opened.lookup(keys[1])
+    with pytest.raises(reader.TeacherCacheError, match="shard-00000.safetensors is corrupt or truncated"):
+        opened.verify()

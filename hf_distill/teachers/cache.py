@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from safetensors.numpy import load as load_safetensors
 
-from .cache_files import INDEX_FILE, MANIFEST, _read_manifest, _sha256_hex
+from .cache_files import INDEX_FILE, MANIFEST, MappedShard, _read_manifest, _sha256_hex, file_sha256
 from .cache_format import decode_record
 from .cache_keys import RowNotCachedError, TeacherCacheError, _normalize_key, key_differences
 
@@ -49,9 +49,10 @@ class CachedRow:
 class TeacherCache:
     """Read-only access to a complete teacher cache. Create with [`TeacherCache.open`].
 
-    Shard sizes are checked at open (a truncated shard fails there). A shard's sha256 is checked every time the shard
-    is read from disk, i.e. on its first access and again if it was evicted from the small in-memory LRU, before any of
-    its values is returned; `verify()` (or `open(..., verify=True)`) checks all of them at once.
+    Shard sizes are checked at open (a truncated shard fails there). Shards are mapped into memory and read one row at
+    a time: a lookup reads that row's bytes only, and checks them against the row's CRC-32 before any value is
+    returned (random access over a large cache costs the rows it reads, not whole shards). `verify()` (or
+    `open(..., verify=True)`) checks the sha256 of every whole shard as well.
 
     Attributes:
         path (`pathlib.Path`): The cache folder.
@@ -64,7 +65,7 @@ class TeacherCache:
         tail_seed (`int`): The seed of the tail sampling (`0` without one).
     """
 
-    def __init__(self, path: Path, manifest: dict[str, Any], row_keys: np.ndarray, max_loaded_shards: int = 2):
+    def __init__(self, path: Path, manifest: dict[str, Any], row_keys: np.ndarray, max_loaded_shards: int = 256):
         self.path = path
         self.manifest = manifest
         self.key = manifest["key"]
@@ -80,10 +81,8 @@ class TeacherCache:
         self._index: dict[str, int] = {}
         for i, key in enumerate(self._keys):
             self._index.setdefault(key, i)
-        self._loaded: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
-        self._max_loaded = max(1, max_loaded_shards)
-        # (size, mtime) of each shard whose sha256 matched: an evicted shard read again unchanged is not re-hashed
-        self._verified: dict[int, tuple[int, int]] = {}
+        self._mapped: OrderedDict[int, MappedShard] = OrderedDict()
+        self._max_mapped = max(1, max_loaded_shards)
 
     @classmethod
     def open(
@@ -92,7 +91,7 @@ class TeacherCache:
         expected_key: dict[str, Any] | None = None,
         *,
         verify: bool = False,
-        max_loaded_shards: int = 2,
+        max_loaded_shards: int = 256,
     ) -> TeacherCache:
         """Open a complete cache, checking its key, completeness, index and shard sizes.
 
@@ -101,7 +100,8 @@ class TeacherCache:
             expected_key (`dict`, *optional*): Key fields the caller expects. Each field it names is compared with
                 the cache's key (a field the cache lacks is a difference); fields it does not name are not compared.
             verify (`bool`, *optional*, defaults to `False`): Hash every shard now instead of on first access.
-            max_loaded_shards (`int`, *optional*, defaults to `2`): Decoded-on-demand shards kept in memory.
+            max_loaded_shards (`int`, *optional*, defaults to `256`): Shards kept mapped (an LRU; a mapped shard holds
+                its small per-row arrays in memory, its payload stays on disk until a row is read).
 
         Returns:
             [`TeacherCache`]
@@ -177,45 +177,34 @@ class TeacherCache:
         return float(self.manifest["bytes_per_logit"])
 
     def verify(self) -> None:
-        """Hash every shard now.
+        """Hash every whole shard now (sha256, read in blocks) and compare it with the manifest.
 
         Raises:
             TeacherCacheError: A shard is missing, truncated or corrupt.
         """
-        for shard in range(len(self._shards)):
-            self._read_shard(shard)
+        for entry in self._shards:
+            file = self.path / entry["file"]
+            try:
+                digest = file_sha256(file)
+            except OSError as error:
+                raise TeacherCacheError(f"Cannot read teacher cache shard {file}: {error}. {RERUN_HINT}") from error
+            if digest != entry["sha256"]:
+                raise TeacherCacheError(
+                    f"Teacher cache shard {file} is corrupt or truncated (sha256/size differ from {MANIFEST}). Delete "
+                    f"{file.name} and rerun `hf-distill cache-teacher` with the same settings: it rewrites that shard."
+                )
 
-    def _read_shard(self, shard: int) -> dict[str, np.ndarray]:
-        entry = self._shards[shard]
-        file = self.path / entry["file"]
-        try:
-            stat = file.stat()
-            data = file.read_bytes()
-        except OSError as error:
-            raise TeacherCacheError(f"Cannot read teacher cache shard {file}: {error}. {RERUN_HINT}") from error
-        signature = (stat.st_size, stat.st_mtime_ns)
-        if self._verified.get(shard) == signature and len(data) == entry["bytes"]:
-            pass  # hashed when first read, unchanged on disk since
-        elif len(data) != entry["bytes"] or _sha256_hex(data) != entry["sha256"]:
-            raise TeacherCacheError(
-                f"Teacher cache shard {file} is corrupt or truncated (sha256/size differ from {MANIFEST}). Delete "
-                f"{file.name} and rerun `hf-distill cache-teacher` with the same settings: it rewrites that shard."
-            )
-        self._verified[shard] = signature
-        try:
-            return load_safetensors(data)
-        except Exception as error:  # matching sha256 but unreadable: written by a broken writer
-            raise TeacherCacheError(f"Teacher cache shard {file} cannot be parsed: {error}") from error
-
-    def _shard(self, shard: int) -> dict[str, np.ndarray]:
-        if shard in self._loaded:
-            self._loaded.move_to_end(shard)
-            return self._loaded[shard]
-        tensors = self._read_shard(shard)
-        self._loaded[shard] = tensors
-        while len(self._loaded) > self._max_loaded:
-            self._loaded.popitem(last=False)
-        return tensors
+    def _shard(self, shard: int) -> MappedShard:
+        if shard in self._mapped:
+            self._mapped.move_to_end(shard)
+            return self._mapped[shard]
+        mapped = MappedShard(self.path / self._shards[shard]["file"])
+        if len(mapped) != self._shards[shard]["rows"]:
+            raise TeacherCacheError(f"Teacher cache shard {mapped.file} does not match {MANIFEST} (row count).")
+        self._mapped[shard] = mapped
+        while len(self._mapped) > self._max_mapped:
+            self._mapped.popitem(last=False)
+        return mapped
 
     def lookup(self, row_key: str) -> CachedRow:
         """The cached teacher distribution of a row, decoded now.
@@ -238,15 +227,14 @@ class TeacherCache:
                 "packing, masks) with `hf-distill cache-teacher`."
             )
         shard = bisect.bisect_right(self._starts, index) - 1
-        local = index - self._starts[shard]
-        tensors = self._shard(shard)
-        if bytes(tensors["row_keys"][local]).hex() != row_key:
-            raise TeacherCacheError(f"Teacher cache shard {self._shards[shard]['file']} does not match the index.")
-        start, end = int(tensors["offsets"][local]), int(tensors["offsets"][local + 1])
-        record = decode_record(
-            tensors["payload"][start:end], int(tensors["positions"][local]), self.k, self.vocab_size,
-            self.logprob_bits,
-        )  # fmt: skip
+        mapped = self._shard(shard)
+        key, positions, payload = mapped.row(index - self._starts[shard])  # checked against its CRC-32
+        if key.hex() != row_key:
+            raise TeacherCacheError(f"Teacher cache shard {mapped.file} does not match the index.")
+        try:
+            record = decode_record(payload, positions, self.k, self.vocab_size, self.logprob_bits)
+        except ValueError as error:  # a matching checksum but undecodable: written by a broken writer
+            raise TeacherCacheError(f"Teacher cache shard {mapped.file} cannot be decoded: {error}") from error
         return CachedRow(
             ids=torch.from_numpy(record.token_ids),
             log_probs=torch.from_numpy(record.log_probs),

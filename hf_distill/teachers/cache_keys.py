@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-FORMAT_VERSION = 2
-"""Version of the on-disk cache format (2: gap-coded token ids, log-probs in id order). Readers refuse other versions;
+FORMAT_VERSION = 3
+"""Version of the on-disk cache format (2: gap-coded token ids, log-probs in id order; 3: a CRC-32 per row, so a
+reader maps shards and reads single rows). Readers refuse other versions;
 it is part of every cache key, so [`cache_dir_for`] gives a new format its own folder."""
 
 SETTING_KEYS = ("vocab_size", "k", "temperature", "logprob_bits", "format_version")

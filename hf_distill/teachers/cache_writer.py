@@ -27,6 +27,7 @@ from .cache_files import (
     _save_safetensors,
     _sha256_hex,
     _shard_name,
+    row_checksum,
 )
 from .cache_format import LOGPROB_BITS, bytes_per_logit, encode_record, id_bits
 from .cache_keys import TeacherCacheError, cache_key, key_differences, key_hash
@@ -279,8 +280,10 @@ class TeacherCacheWriter:
         sizes = np.array([r[2].size for r in rows], dtype=np.int64)
         offsets = np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(sizes, dtype=np.int64)])
         payload = np.concatenate([r[2] for r in rows]) if rows else np.zeros(0, dtype=np.uint8)
+        row_crc32 = np.array([row_checksum(r[0], r[1], r[2]) for r in rows], dtype=np.uint32)
+        arrays = {"payload": payload, "offsets": offsets, "positions": positions, "row_keys": row_keys.copy()}
         data = _save_safetensors(
-            {"payload": payload, "offsets": offsets, "positions": positions, "row_keys": row_keys.copy()},
+            {**arrays, "row_crc32": row_crc32},
             metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)},
         )
         name = _shard_name(len(self._shards))

@@ -184,8 +184,8 @@ def open_training_cache(path: str | os.PathLike, args: Any, tokenizer: Any, stud
             "folder to pass here)."
         )
     expected = {**training_key(args, tokenizer), "temperature": args.temperature}
-    # Shuffled batches visit shards at random: keep a few decoded (each is hashed once, when first read)
-    cache = TeacherCache.open(folder, expected_key=expected, max_loaded_shards=8)
+    # Shuffled batches visit shards at random: each lookup reads its row's bytes from the mapped shard
+    cache = TeacherCache.open(folder, expected_key=expected)
     if args.distill_vocab_size is not None and args.distill_vocab_size != cache.vocab_size:
         raise ValueError(
             f"`distill_vocab_size={args.distill_vocab_size}` but the teacher cache compares {cache.vocab_size} "
