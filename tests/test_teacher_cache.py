@@ -531,6 +531,24 @@ def test_missing_row_is_a_clear_key_error(built):
         cache.lookup(row_key([1, 2, 3], [True, True, False]))
     with pytest.raises(RowNotCachedError):
         cache.lookup(row_key([1, 2, 3], [True, True, False]))
+    for not_a_key in ("", "zz" * 16, "ab" * 15, None, 7):
+        assert not_a_key not in cache
+        with pytest.raises(RowNotCachedError):
+            cache.lookup(not_a_key)
+
+
+def test_index_finds_every_row_the_first_of_equal_ones_and_edge_keys(tmp_path):
+    """The index is a binary search over sorted 16-byte keys: keys with zero bytes at either end, and a row written
+    twice (the first record is the one returned)."""
+    keys = ["00" * 16, "00" * 15 + "01", "01" + "00" * 15, "ff" * 16, "7f" + "00" * 14 + "80"]
+    writer = TeacherCacheWriter(tmp_path / "c", {"t": 1}, vocab_size=10, k=2, rows_per_shard=3)
+    for value, key in enumerate([*keys, keys[2]]):  # keys[2] twice: values 2, then 5
+        writer.add(key, np.array([[value, 9]]), np.log(np.array([[0.5, 0.25]])), np.log(np.array([0.25])), 2)
+    cache = writer.finish()
+    assert list(cache.row_keys()) == [*keys, keys[2]] and len(cache) == 6
+    for value, key in enumerate(keys):
+        assert key in cache
+        assert int(cache.lookup(key).ids[0, 0]) == value
 
 
 def test_foreign_folder_is_not_overwritten(tmp_path):

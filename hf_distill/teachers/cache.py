@@ -77,10 +77,12 @@ class TeacherCache:
         self.tail_seed = int(manifest.get("tail_seed", 0))
         self._shards = manifest["shards"]
         self._starts = np.cumsum([0] + [s["rows"] for s in self._shards]).tolist()
-        self._keys = [bytes(r).hex() for r in row_keys]
-        self._index: dict[str, int] = {}
-        for i, key in enumerate(self._keys):
-            self._index.setdefault(key, i)
+        # Row keys as 16-byte strings, sorted once: a lookup is a binary search (no Python object per row, so a
+        # cache of millions of rows opens fast and forked DataLoader workers share these arrays)
+        self._row_keys = np.ascontiguousarray(row_keys, dtype=np.uint8).reshape(-1, 16)
+        keys = self._row_keys.view("S16").reshape(-1)
+        self._order = np.argsort(keys, kind="stable")  # equal keys (a row twice): the first one is found
+        self._sorted_keys = keys[self._order]
         self._mapped: OrderedDict[int, MappedShard] = OrderedDict()
         self._max_mapped = max(1, max_loaded_shards)
 
@@ -162,14 +164,28 @@ class TeacherCache:
     # -- access
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return self._row_keys.shape[0]
 
     def __contains__(self, row_key: object) -> bool:
-        return row_key in self._index
+        return self._find(row_key) is not None
+
+    def _find(self, row_key: object) -> int | None:
+        """The input index of `row_key` (its first row), or `None`."""
+        try:
+            raw = bytes.fromhex(row_key) if isinstance(row_key, str) else b""
+        except ValueError:
+            return None
+        if len(raw) != 16:
+            return None
+        key = np.frombuffer(raw, dtype="S16")
+        at = int(np.searchsorted(self._sorted_keys, key[0]))
+        if at < len(self._sorted_keys) and self._row_keys[self._order[at]].tobytes() == raw:
+            return int(self._order[at])
+        return None
 
     def row_keys(self) -> Iterator[str]:
         """Row keys in input order."""
-        return iter(self._keys)
+        return (row.tobytes().hex() for row in self._row_keys)
 
     @property
     def bytes_per_logit(self) -> float:
@@ -219,7 +235,7 @@ class TeacherCache:
             RowNotCachedError: The row is not in the cache (a `KeyError`).
             TeacherCacheError: Its shard is corrupt.
         """
-        index = self._index.get(row_key)
+        index = self._find(row_key)
         if index is None:
             raise RowNotCachedError(
                 f"row not in the cache: the cache does not cover this dataset; row key {row_key} is not among the "
