@@ -191,3 +191,27 @@ def test_on_policy_steps_with_vllm_colocate(tmp_path, monkeypatch):
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     assert all(h["on_policy"] == 1.0 for h in trainer.state.log_history if "loss" in h)
+
+
+def test_cache_training_on_cuda_in_dataloader_workers_with_pinned_targets(tmp_path):
+    """On CUDA the collator's targets are pinned by the DataLoader and copied without waiting; 2 workers train like
+    the in-process lookup."""
+    from test_cache_training import make_trainer, train_losses
+
+    from hf_distill.teachers.cached_batches import CACHED_TARGETS_KEY
+
+    writer = make_trainer(tmp_path / "writer")
+    assert writer.teacher_model.device.type == "cuda"
+    cache = writer.write_teacher_cache(tmp_path / "root", k=16, show_progress=False)
+    losses = {}
+    for workers in (0, 2):
+        trainer = make_trainer(
+            tmp_path / f"w{workers}", teacher=False, teacher_cache=str(cache.path), dataloader_num_workers=workers
+        )
+        batch = next(iter(trainer.get_train_dataloader()))
+        assert batch["input_ids"].device.type == "cuda"
+        assert batch[CACHED_TARGETS_KEY].token_ids.device.type == "cpu"
+        assert batch[CACHED_TARGETS_KEY].token_ids.is_pinned()
+        losses[workers] = train_losses(trainer)
+    assert all(torch.isfinite(torch.tensor(losses[0])))
+    assert losses[2] == pytest.approx(losses[0], rel=1e-5)
