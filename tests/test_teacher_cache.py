@@ -537,6 +537,21 @@ def test_missing_row_is_a_clear_key_error(built):
             cache.lookup(not_a_key)
 
 
+def test_an_open_cache_pickles_without_its_mapped_shards(built):
+    # A spawned DataLoader worker gets the cache pickled: the shards it had mapped are not copied into the pickle
+    import pickle
+
+    folder, rows, _ = built
+    cache = TeacherCache.open(folder)
+    expected = [_lookup(cache, row) for row in rows]  # maps every shard
+    shard_bytes = sum(entry["bytes"] for entry in cache.manifest["shards"])
+    data = pickle.dumps(cache)
+    assert len(data) < shard_bytes
+    copy = pickle.loads(data)
+    for row, record in zip(rows, expected, strict=True):
+        assert torch.equal(_lookup(copy, row).ids, record.ids)
+
+
 def test_index_finds_every_row_the_first_of_equal_ones_and_edge_keys(tmp_path):
     """The index is a binary search over sorted 16-byte keys: keys with zero bytes at either end, and a row written
     twice (the first record is the one returned)."""

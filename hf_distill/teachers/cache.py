@@ -163,6 +163,11 @@ class TeacherCache:
 
     # -- access
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled into spawned DataLoader workers: without the mapped shards (a memmap would pickle its whole file);
+        # the worker maps the shards it reads
+        return {**self.__dict__, "_mapped": OrderedDict()}
+
     def __len__(self) -> int:
         return self._row_keys.shape[0]
 
