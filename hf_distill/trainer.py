@@ -31,7 +31,7 @@ from .on_policy import OnPolicyGenerator, OnPolicyTrainingMixin, add_empty_compl
 from .resumable import ResumableTrainerMixin
 from .teachers.cache import TeacherCache
 from .teachers.cached import open_training_cache, write_training_cache
-from .teachers.cached_batches import CACHED_TARGETS_KEY, CachedBatchTargets, CacheTargetsCollator, fetch_cached_targets
+from .teachers.cached_batches import CACHED_TARGETS_KEY, CachedBatchTargets, cache_collator, fetch_cached_targets
 from .teachers.live import (
     check_modalities,
     freeze,
@@ -216,7 +216,8 @@ class DistillationTrainer(ResumableTrainerMixin, OnPolicyTrainingMixin, Distilla
                     "to score them; a teacher cache only covers the dataset's own completions."
                 )
             self.teacher_cache = open_training_cache(args.teacher_cache, args, tokenizer, student_head.vocab_rows)
-            self.data_collator = CacheTargetsCollator(self.data_collator, self.teacher_cache)  # lookup off the step
+            # The lookup runs in the collator, off the step; evaluation's rows must be in the cache too (checked now)
+            self.data_collator = cache_collator(self.data_collator, self.teacher_cache, self.eval_dataset, args)
             self.distill_vocab_size = self.teacher_cache.vocab_size
             self._teacher_name_or_path = self._teacher_name_or_path or self.teacher_cache.key.get("teacher")
             self._teacher_input_limit = None
@@ -270,8 +271,10 @@ class DistillationTrainer(ResumableTrainerMixin, OnPolicyTrainingMixin, Distilla
         show_progress: bool = True,
         tail_samples: int = 0,
         seed: int = 0,
+        include_eval: bool = True,
     ) -> TeacherCache:
-        """Run the teacher once over the prepared training set and store its top-k log-probs for later runs.
+        """Run the teacher once over the prepared training set (and `eval_dataset`, if any, with `include_eval`) and
+        store its top-k log-probs for later runs.
 
         The rows are this trainer's own (same tokenisation, truncation, masks and collator), so a run with
         `DistillationConfig(teacher_cache=cache.path)` finds every batch row in the cache and loads no teacher. The
@@ -282,17 +285,9 @@ class DistillationTrainer(ResumableTrainerMixin, OnPolicyTrainingMixin, Distilla
         Returns:
             [`TeacherCache`]: The complete cache (`cache.path` is the folder to train from).
         """
-        return write_training_cache(
-            self,
-            root,
-            k=k,
-            logprob_bits=logprob_bits,
-            batch_size=batch_size,
-            rows_per_shard=rows_per_shard,
-            show_progress=show_progress,
-            tail_samples=tail_samples,
-            seed=seed,
-        )
+        options = dict(logprob_bits=logprob_bits, batch_size=batch_size, rows_per_shard=rows_per_shard, seed=seed)
+        options.update(show_progress=show_progress, tail_samples=tail_samples, include_eval=include_eval)
+        return write_training_cache(self, root, k=k, **options)
 
     # The loss ------------------------------------------------------------------------------------------------------
 

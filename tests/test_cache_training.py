@@ -137,6 +137,42 @@ def test_cache_lookup_runs_in_the_dataloader_workers(tmp_path, caches, monkeypat
         torch.testing.assert_close(workers.model.state_dict()[name], weight, rtol=0, atol=0, msg=name)
 
 
+def test_eval_rows_are_cached_with_the_training_rows_and_evaluate_like_the_live_teacher(tmp_path):
+    """`write_teacher_cache` caches the trainer's `eval_dataset` too (its rows after the training rows, its
+    fingerprint in the key): a run from the cache evaluates exactly like the live teacher (k = V, 32 bits)."""
+    eval_set = lm_dataset(6, seed=1)
+
+    def trainer_for(name, **overrides):
+        args = config(tmp_path / name, **{**TRAIN, "eval_strategy": "steps", "eval_steps": 2, **overrides})
+        return DistillationTrainer(
+            model=make_model(VOCAB, seed=1),
+            teacher_model=None if "teacher_cache" in overrides else peaky_teacher(VOCAB),
+            args=args,
+            train_dataset=lm_dataset(ROWS),
+            eval_dataset=eval_set,
+            processing_class=TOKENIZER,
+        )
+
+    live = trainer_for("live")
+    cache = live.write_teacher_cache(tmp_path / "root", k=VOCAB, logprob_bits=32, show_progress=False)
+    assert len(cache) == ROWS + len(eval_set) and cache.key["eval_num_rows"] == [len(eval_set)]
+    without = live.write_teacher_cache(tmp_path / "root", k=VOCAB, logprob_bits=32, show_progress=False,
+                                       include_eval=False)  # fmt: skip
+    assert without.path != cache.path and len(without) == ROWS and "eval_num_rows" not in without.key
+    cached = trainer_for("cached", teacher_cache=str(cache.path))
+    assert cached.teacher_model is None
+    assert cached.evaluate()["eval_loss"] == pytest.approx(live.evaluate()["eval_loss"], rel=1e-5)
+    train_losses(cached)  # evaluates at step 2 on the way
+    assert any("eval_loss" in log for log in cached.state.log_history)
+
+    # A cache without the eval rows is refused when the trainer is built, not at the first evaluation
+    before = snapshot(without.path)
+    with pytest.raises(TeacherCacheError, match=r"6 of the 6 rows of the eval dataset are not in the teacher cache"):
+        trainer_for("refused", teacher_cache=str(without.path))
+    assert snapshot(without.path) == before
+    trainer_for("no-eval", teacher_cache=str(without.path), eval_strategy="no")  # no evaluation: no check
+
+
 # --------------------------------------------------------------------------------------------- sparse-target loss gap
 
 

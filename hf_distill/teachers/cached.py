@@ -8,10 +8,14 @@ masks, temperature) is compared when the trainer opens the cache, and a mismatch
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from .cache import TeacherCache
 from .cache_keys import (
@@ -22,6 +26,7 @@ from .cache_keys import (
     fingerprint_tokenizer,
 )
 from .cache_writer import check_tail_samples
+from .cached_batches import eval_datasets
 
 if TYPE_CHECKING:
     from ..trainer import DistillationTrainer
@@ -79,8 +84,10 @@ def write_training_cache(
     show_progress: bool = True,
     tail_samples: int = 0,
     seed: int = 0,
+    include_eval: bool = True,
 ) -> TeacherCache:
-    """Run the trainer's teacher once over its prepared training set and store the top-k targets (resumable).
+    """Run the trainer's teacher once over its prepared training set (and evaluation sets) and store the top-k targets
+    (resumable).
 
     The cache goes to `root/<key hash>/`: the same inputs find the same folder (and a complete cache there means no
     teacher forward at all); another teacher, tokenizer, dataset, max length, k, temperature or precision gets
@@ -98,6 +105,9 @@ def write_training_cache(
             teacher's tail instead of being its next most likely ids (`0 <= tail_samples < k`): an unbiased target,
             for `divergence="forward_kl"` only (see [`write_teacher_cache`] and `docs/teacher_cache.md`).
         seed (`int`, *optional*, defaults to `0`): Seed of the tail sampling (part of the key when `tail_samples > 0`).
+        include_eval (`bool`, *optional*, defaults to `True`): Also cache the rows of the trainer's `eval_dataset`
+            (after the training rows; their fingerprints and row counts join the key), so that a run from the cache
+            can evaluate. Without an `eval_dataset` nothing changes.
 
     Returns:
         [`TeacherCache`]: The complete cache; `cache.path` is the folder to pass as `teacher_cache`.
@@ -129,6 +139,12 @@ def write_training_cache(
         "dataset_fingerprint": getattr(trainer.train_dataset, "_fingerprint", None),
         "num_rows": len(trainer.train_dataset),
     }
+    rows = [trainer.train_dataset]
+    evals = eval_datasets(trainer.eval_dataset) if include_eval else []
+    if evals:  # only then: a cache of the training rows alone keeps its key
+        key["eval_dataset_fingerprints"] = [getattr(dataset, "_fingerprint", None) for dataset in evals]
+        key["eval_num_rows"] = [len(dataset) for dataset in evals]
+        rows += evals
     full_key = cache_key(
         key,
         vocab_size=trainer.distill_vocab_size,
@@ -142,7 +158,7 @@ def write_training_cache(
     with trainer.accelerator.autocast():
         return write_teacher_cache(
             teacher,
-            trainer.train_dataset,
+            ChainedRows(rows),
             path,
             key=key,
             k=k,
@@ -156,6 +172,23 @@ def write_training_cache(
             tail_samples=tail_samples,
             seed=seed,
         )
+
+
+class ChainedRows(Sequence):
+    """Several datasets read as one sequence of rows, in order (the rows a cache is written from)."""
+
+    def __init__(self, datasets: list[Any]):
+        self.datasets = datasets
+        self.starts = np.cumsum([0] + [len(dataset) for dataset in datasets]).tolist()
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getitem__(self, index: int) -> Any:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        part = bisect.bisect_right(self.starts, index) - 1
+        return self.datasets[part][index - self.starts[part]]
 
 
 def open_training_cache(path: str | os.PathLike, args: Any, tokenizer: Any, student_vocab_rows: int) -> TeacherCache:

@@ -21,7 +21,14 @@ from ..losses import TopKTeacher
 from .cache import TeacherCache
 from .cache_keys import RowNotCachedError, TeacherCacheError, batch_row_keys
 
-__all__ = ["CACHED_TARGETS_KEY", "CacheTargetsCollator", "CachedBatchTargets", "fetch_cached_targets"]
+__all__ = [
+    "CACHED_TARGETS_KEY",
+    "CacheTargetsCollator",
+    "CachedBatchTargets",
+    "cache_collator",
+    "check_rows_cached",
+    "fetch_cached_targets",
+]
 
 CACHED_TARGETS_KEY = "hf_distill_cached_teacher_targets"
 """Batch key of the [`CachedBatchTargets`] added by [`CacheTargetsCollator`] (removed before the model's forward)."""
@@ -154,3 +161,59 @@ class CacheTargetsCollator:
         if name in ("collator", "cache"):
             raise AttributeError(name)
         return getattr(self.collator, name)
+
+
+def eval_datasets(eval_dataset: Any) -> list[Any]:
+    """The evaluation sets of a trainer (`Trainer` takes one dataset or a dict of them)."""
+    if eval_dataset is None:
+        return []
+    return list(eval_dataset.values()) if isinstance(eval_dataset, dict) else [eval_dataset]
+
+
+def check_rows_cached(
+    cache: TeacherCache, dataset: Any, collator: Callable[[list[Any]], dict[str, Any]], what: str, batch_size: int = 64
+) -> None:
+    """Check that every row of `dataset`, as `collator` batches it, is in `cache`.
+
+    Args:
+        cache ([`TeacherCache`]): The open cache.
+        dataset: A prepared (tokenised) dataset: `len()` and integer indexing.
+        collator (`Callable`): The trainer's own collator (not wrapped).
+        what (`str`): How the error names the dataset.
+        batch_size (`int`, *optional*, defaults to `64`): Rows collated at once.
+
+    Raises:
+        TeacherCacheError: Naming how many rows are missing and how to write a cache that covers them.
+    """
+    missing = total = 0
+    for start in range(0, len(dataset), batch_size):
+        batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        keys = batch_row_keys(batch["input_ids"], batch["labels"], batch.get("attention_mask"))
+        missing += sum(key not in cache for key in keys)
+        total += len(keys)
+    if missing:
+        raise TeacherCacheError(
+            f"{missing} of the {total} rows of the {what} are not in the teacher cache at {cache.path}, and "
+            "evaluating needs the teacher's targets for them. Write the cache with that set: `write_teacher_cache` "
+            "includes the trainer's `eval_dataset` (`include_eval=True`, the default), and so does `hf-distill "
+            "cache-teacher` run with the same evaluation flags. Or evaluate without a teacher cache "
+            "(`eval_strategy='no'`)."
+        )
+
+
+def cache_collator(
+    collator: Callable[[list[Any]], dict[str, Any]], cache: TeacherCache, eval_dataset: Any, args: Any
+) -> CacheTargetsCollator:
+    """The trainer's collator wrapped in a [`CacheTargetsCollator`], after checking that the evaluation rows are in the
+    cache when the run evaluates (`args.eval_strategy` is not `"no"`): a missing row fails now, not at the first
+    evaluation hours later. (Training rows are checked as their batches are made.)
+
+    Raises:
+        TeacherCacheError: If an evaluation row is not in the cache.
+    """
+    if str(getattr(args.eval_strategy, "value", args.eval_strategy)) != "no":
+        datasets = eval_datasets(eval_dataset)
+        for number, dataset in enumerate(datasets):
+            what = "eval dataset" if len(datasets) == 1 else f"eval dataset {number + 1} of {len(datasets)}"
+            check_rows_cached(cache, dataset, collator, what)
+    return CacheTargetsCollator(collator, cache)
