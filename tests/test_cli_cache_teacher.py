@@ -87,3 +87,29 @@ def test_bad_input_is_one_line_and_exit_2(assets, tmp_path, capsys):
         assert fragment in err[-1], (name, err[-1])
         assert "Traceback" not in "\n".join(err), name
     assert {p: p.read_bytes() for p in before} == before  # nothing overwritten
+
+
+def test_the_eval_split_is_cached_and_distill_evaluates_from_it(assets, tmp_path, capsys):
+    root, common = assets
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, rows in (("train", lm_dataset(12)), ("test", lm_dataset(4, seed=1))):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in rows["text"]))
+    common = [str(data) if flag == str(root / "train.jsonl") else flag for flag in common]
+    evals = ["--eval_strategy", "steps", "--eval_steps", "2", "--dataset_test_split", "test"]
+    cache = ["cache-teacher", *common, "--cache_dir", str(tmp_path / "caches"), "--cache_top_k", "8"]
+    assert main([*cache, *evals, "--output_dir", str(tmp_path / "o")]) == 0
+    with_eval = _cache_path(capsys.readouterr().out)
+    train = ["distill", *common, *evals, "--max_steps", "2", "--logging_steps", "1"]
+    assert main([*train, "--teacher_cache", with_eval, "--output_dir", str(tmp_path / "run")]) == 0
+    state = json.loads((tmp_path / "run" / "trainer_state.json").read_text())
+    eval_losses = [log["eval_loss"] for log in state["log_history"] if "eval_loss" in log]
+    assert len(eval_losses) == 1 and torch.isfinite(torch.tensor(eval_losses)).all()
+    # a cache of the training rows alone: refused before training, in one line
+    assert main([*cache, "--output_dir", str(tmp_path / "o2")]) == 0
+    train_only = _cache_path(capsys.readouterr().out)
+    assert train_only != with_eval
+    assert main([*train, "--teacher_cache", train_only, "--output_dir", str(tmp_path / "run2")]) == 2
+    err = capsys.readouterr().err
+    assert "4 of the 4 rows of the eval dataset are not in the teacher cache" in err
+    assert not (tmp_path / "run2" / "model.safetensors").exists()
