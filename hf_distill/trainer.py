@@ -365,6 +365,7 @@ class DistillationTrainer(ResumableTrainerMixin, OnPolicyTrainingMixin, Distilla
                 label_smoothing=args.label_smoothing_factor if args.loss_type == "nll" else 0.0,
                 ce_loss_type=args.loss_type,
                 sparse_targets=args.sparse_targets,
+                labels_all_scored=True,  # selected with `mask` above
             )
         return result, (student_out.aux_loss if self.aux_loss_enabled else None)
 

@@ -271,6 +271,34 @@ def test_a_tensor_normaliser_is_not_read_back(monkeypatch):
         torch.testing.assert_close(g, b, rtol=1e-6, atol=1e-8)
 
 
+def test_labels_all_scored_skips_the_count_and_changes_nothing(monkeypatch):
+    # The trainer selects the scored tokens itself and says so: no count of the labels read back from the device
+    problem = make_problem(seed=11)
+    keep = problem.labels != -100
+    hidden, labels = problem.hidden[keep].detach().requires_grad_(), problem.labels[keep]
+    kw = {**_kw("forward_kl", 2.0, 0.4), "chunk_size": 5}
+    teacher = HiddenStateTeacher(problem.teacher_hidden[keep], problem.teacher_head())
+    base = chunked_distillation_loss(hidden, problem.student_head(), teacher, labels, **kw)
+    base_grad = torch.autograd.grad(base.loss, hidden)
+
+    def read_back(*_):
+        raise AssertionError("a tensor was read back on the host")
+
+    for name in ("item", "tolist", "__float__", "__int__", "__index__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, read_back)
+    n = torch.tensor(float(labels.numel()))
+    out = chunked_distillation_loss(
+        hidden, problem.student_head(), teacher, labels, num_items_in_batch=n, labels_all_scored=True, **kw
+    )
+    grad = torch.autograd.grad(out.loss, hidden)
+    monkeypatch.undo()
+    assert out.num_tokens == base.num_tokens == int(keep.sum())
+    torch.testing.assert_close(out.loss, base.loss, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(grad[0], base_grad[0], rtol=1e-6, atol=1e-8)
+    for name in ("distill_sum", "ce_sum", "agree_count", "correct_count", "entropy_sum"):
+        torch.testing.assert_close(getattr(out, name), getattr(base, name))
+
+
 def test_gradient_accumulation_over_two_halves():
     # with num_items_in_batch = the total scored token count, two half-batches add up to the full batch
     problem = make_problem(seed=7)

@@ -281,6 +281,7 @@ def chunked_distillation_loss(
     label_smoothing: float = 0.0,
     ce_loss_type: str = "nll",
     sparse_targets: str = "bucket",
+    labels_all_scored: bool = False,
 ) -> DistillationLossOutput:
     """Distillation loss over selected tokens, computed a chunk of tokens at a time.
 
@@ -332,6 +333,9 @@ def chunked_distillation_loss(
         ce_loss_type (`str`, *optional*, defaults to `"nll"`): CE variant, `"nll"` or `"dft"` (see above).
         sparse_targets (`str`, *optional*, defaults to `"bucket"`): With a [`TopKTeacher`], how the mass outside the
             top-k is treated: `"bucket"` or `"renormalize"` (see above). Ignored for dense teachers.
+        labels_all_scored (`bool`, *optional*, defaults to `False`): The caller guarantees that no label is `-100`
+            (e.g. it selected the scored tokens itself), so the loss skips counting them, which reads a value back
+            from the accelerator (a host sync).
 
     Returns:
         [`DistillationLossOutput`]
@@ -369,8 +373,8 @@ def chunked_distillation_loss(
             raise ValueError(
                 f"`labels` must have shape [N] = [{n_tokens}] like `student_hidden`, got {tuple(labels.shape)}."
             )
-        scored = labels != IGNORE_INDEX
-        n_scored = int(scored.sum())  # the one host sync; nothing else happens when every row is scored
+        scored = None if labels_all_scored else labels != IGNORE_INDEX
+        n_scored = n_tokens if scored is None else int(scored.sum())  # a host sync; nothing else when all are scored
         if n_scored < n_tokens:
             index = scored.nonzero().squeeze(-1)
             student_hidden = student_hidden.index_select(0, index.to(student_hidden.device))  # autograd scatters back
