@@ -117,6 +117,7 @@ def test_teacher_equal_to_student_gives_zero_distillation_loss(tmp_path):
     trainer.model.train()
     loss = trainer.compute_loss(trainer.model, first_batch(trainer))
     assert abs(loss.item()) < 1e-6
+    trainer._flush_metrics()  # the metrics are read back when the trainer logs
     assert trainer._metrics["train"]["teacher_agreement"][-1] == pytest.approx(1.0)
 
 
@@ -315,3 +316,34 @@ def test_teacher_on_its_own_device(tmp_path):
     )
     assert trainer.teacher_model.device.type == "cpu"
     trainer.train()
+
+
+def test_metrics_wait_on_the_device_until_the_trainer_logs(tmp_path, monkeypatch):
+    """A step reads no metric back from the device: the totals are read when the trainer logs (or every
+    `MAX_PENDING` micro-batches), and then give the same values."""
+    import hf_distill.metrics as metrics
+
+    tokenizer = make_tokenizer()
+    trainer = DistillationTrainer(
+        model=make_model(len(tokenizer), seed=3),
+        teacher_model=peaky_teacher(len(tokenizer)),
+        args=config(tmp_path),
+        train_dataset=lm_dataset(),
+        processing_class=tokenizer,
+    )
+    trainer.model.train()
+    batch = first_batch(trainer)
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda *_: pytest.fail("metrics read back in the step"))
+    trainer.compute_loss(trainer.model, dict(batch))
+    monkeypatch.setattr(torch.Tensor, "tolist", real_tolist)
+    assert "distill_loss" not in trainer._metrics["train"] and len(trainer._pending_metrics) == 1
+    trainer._flush_metrics()
+    first = {name: values[-1] for name, values in trainer._metrics["train"].items()}
+    assert trainer._pending_metrics == [] and first["teacher_agreement"] >= 0.0 and first["num_tokens"] > 0
+    monkeypatch.setattr(metrics, "MAX_PENDING", 3)
+    for _ in range(3):  # the third micro-batch reads the three back
+        trainer.compute_loss(trainer.model, dict(batch))
+    assert trainer._pending_metrics == [] and len(trainer._metrics["train"]["distill_loss"]) == 4
+    assert trainer._metrics["train"]["distill_loss"][-1] == pytest.approx(first["distill_loss"], rel=1e-6)
+    assert trainer._metrics["train"]["num_tokens"] == [4 * first["num_tokens"]]
