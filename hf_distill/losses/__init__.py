@@ -1,6 +1,6 @@
 """Pure loss functions: per-token divergences and the token-chunked distillation loss. No Trainer inside."""
 
-from .chunked import DistillationLossOutput, auto_chunk_size, chunked_distillation_loss
+from .chunked import auto_chunk_size, chunked_distillation_loss
 from .divergences import (
     DIVERGENCE_NAMES,
     forward_kl,
@@ -13,6 +13,7 @@ from .divergences import (
     total_variation,
 )
 from .lm_head import LMHead
+from .loss_output import DistillationLossOutput
 from .sparse import SPARSE_TARGET_MODES, TopKTeacher, rest_log_prob_from_top_k
 from .teacher_logits import DenseTeacher, HiddenStateTeacher, TeacherLogits
 
